@@ -1,0 +1,81 @@
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::Role;
+
+/// Why an API key could not be created, registered, found or accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A tenant name that is not a DNS label.
+    #[error(
+        "invalid tenant {0:?}: use 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+    )]
+    InvalidTenant(String),
+    /// A key name that is empty, too long or contains control characters.
+    #[error("invalid key name {0:?}: use 1 to 100 printable characters")]
+    InvalidName(String),
+    /// A new key whose expiry has already passed.
+    #[error("expiry {0} is in the past")]
+    ExpiryInPast(DateTime<Utc>),
+    /// A string that cannot be a Keel key; refused before any database lookup.
+    #[error("malformed API key: expected \"keel_\" followed by 40 letters, digits, '-' or '_'")]
+    MalformedKey,
+    /// A well-formed key that is not registered.
+    #[error("unknown API key")]
+    UnknownKey,
+    /// The key was revoked.
+    #[error("API key revoked")]
+    Revoked,
+    /// The key's expiry has passed.
+    #[error("API key expired")]
+    Expired,
+    /// The tenant already has an active key with this name.
+    #[error("tenant {tenant:?} already has an active API key named {name:?}")]
+    NameTaken {
+        /// The key's tenant.
+        tenant: String,
+        /// The name asked for.
+        name: String,
+    },
+    /// [`KeyStore::ensure_key`](crate::KeyStore::ensure_key) was given a key that is
+    /// already registered with another tenant or role.
+    #[error("API key is already registered for tenant {tenant:?} with role {role}")]
+    KeyConflict {
+        /// The tenant the key is registered for.
+        tenant: String,
+        /// The role the key is registered with.
+        role: Role,
+    },
+    /// No key has this id.
+    #[error("no API key with id {0}")]
+    NotFound(Uuid),
+    /// Creating the schema or running the migrations failed.
+    #[error(transparent)]
+    Migrate(#[from] keel_store::StoreError),
+    /// The state store failed or returned something unexpected.
+    #[error("auth store: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<AuthError> for tonic::Status {
+    /// Maps to the status a handler managing keys should return; store details stay out
+    /// of the message because they go to the client.
+    fn from(err: AuthError) -> Self {
+        use tonic::Status;
+        match err {
+            AuthError::InvalidTenant(_)
+            | AuthError::InvalidName(_)
+            | AuthError::ExpiryInPast(_) => Status::invalid_argument(err.to_string()),
+            AuthError::MalformedKey | AuthError::UnknownKey => {
+                Status::unauthenticated("invalid API key")
+            }
+            AuthError::Revoked | AuthError::Expired => Status::unauthenticated(err.to_string()),
+            AuthError::NameTaken { .. } | AuthError::KeyConflict { .. } => {
+                Status::already_exists(err.to_string())
+            }
+            AuthError::NotFound(_) => Status::not_found(err.to_string()),
+            AuthError::Migrate(_) => Status::internal("auth store is not migrated"),
+            AuthError::Database(_) => Status::unavailable("auth store unavailable"),
+        }
+    }
+}

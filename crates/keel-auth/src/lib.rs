@@ -1,0 +1,20 @@
+//! Keel's API keys and the layer that authenticates every gRPC call.
+//!
+//! A key looks like `keel_` followed by 40 random characters. Only its SHA-256
+//! hash is stored (table `auth.api_keys`), together with the tenant and the
+//! [`Role`] it is bound to, so a database dump never yields a usable key.
+//!
+//! Services wrap each generated server in [`AuthLayer`]; handlers then read the
+//! caller's [`Principal`] with [`principal`] and check it with
+//! [`Principal::require`]. Clients attach their key with [`bearer_interceptor`].
+
+mod error;
+mod key;
+mod layer;
+mod role;
+mod store;
+
+pub use error::AuthError;
+pub use layer::{AuthLayer, AuthService, bearer_interceptor, principal};
+pub use role::{ParseRoleError, Principal, Role, validate_tenant};
+pub use store::{CreatedKey, DEFAULT_CACHE_TTL, KeyInfo, KeyStore, NewKey};
