@@ -1,0 +1,208 @@
+//! Durable JetStream pull consumers with idempotent handling.
+//!
+//! Replicas that use the same durable name share one consumer, so JetStream hands
+//! each message to one of them. The handler runs in a transaction that first
+//! records the event id in the service's `inbox`; a redelivered event finds its id
+//! there and is acknowledged without running the handler again.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use bytes::Bytes;
+use futures::StreamExt;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{BusError, MSG_ID_HEADER, Outbox, STREAM};
+
+/// An event as delivered to a handler.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Event id, from the `Nats-Msg-Id` header.
+    pub event_id: Uuid,
+    /// Subject it was published on.
+    pub subject: String,
+    /// Encoded event.
+    pub payload: Bytes,
+    /// How many times JetStream has delivered it, starting at 1.
+    pub attempt: i64,
+}
+
+/// Why a handler did not process an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying later (a database or peer was unavailable); the event is redelivered.
+    #[error("{0}")]
+    Retry(String),
+    /// Retrying cannot help (a malformed event); the event is acknowledged and dropped.
+    #[error("{0}")]
+    Reject(String),
+}
+
+/// Reacts to events. Effects must go through `tx` so they commit together with the inbox row.
+pub trait EventHandler: Send + Sync + 'static {
+    /// Handles one event inside the consumer's transaction.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        delivery: &'a Delivery,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
+}
+
+/// Which events a consumer reads and how it retries.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Durable name shared by the replicas of one service (e.g. `remediation-alerts`).
+    pub durable_name: String,
+    /// Subjects to receive, e.g. `keel.collector.alert.>`.
+    pub filter_subjects: Vec<String>,
+    /// How long JetStream waits for an acknowledgement before redelivering.
+    pub ack_wait: Duration,
+    /// Delay before a failed event is redelivered.
+    pub retry_delay: Duration,
+    /// Most deliveries of one event before JetStream gives up on it.
+    pub max_deliver: i64,
+}
+
+impl ConsumerConfig {
+    /// A consumer named `durable_name` for `filter_subjects`, with default timings.
+    pub fn new(durable_name: &str, filter_subjects: &[&str]) -> Self {
+        Self {
+            durable_name: durable_name.to_owned(),
+            filter_subjects: filter_subjects.iter().map(|s| (*s).to_owned()).collect(),
+            ack_wait: Duration::from_secs(30),
+            retry_delay: Duration::from_secs(5),
+            max_deliver: 20,
+        }
+    }
+}
+
+/// Runs a durable consumer until `shutdown` is cancelled.
+///
+/// `outbox` names the schema whose `inbox` table de-duplicates events (install it
+/// with [`Outbox::install`]).
+pub async fn run<H: EventHandler>(
+    jetstream: &jetstream::Context,
+    pool: &PgPool,
+    outbox: &Outbox,
+    config: &ConsumerConfig,
+    handler: &H,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let stream = jetstream
+        .get_stream(STREAM)
+        .await
+        .map_err(|e| BusError::jetstream("get stream", e))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            &config.durable_name,
+            pull::Config {
+                durable_name: Some(config.durable_name.clone()),
+                filter_subjects: config.filter_subjects.clone(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_deliver: config.max_deliver,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| BusError::jetstream("create consumer", e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| BusError::jetstream("pull messages", e))?;
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = messages.next() => match next {
+                None => return Ok(()),
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, consumer = %config.durable_name, "receiving from jetstream failed");
+                    continue;
+                }
+            },
+        };
+        let span = tracing::info_span!("bus.consume", subject = %message.subject, consumer = %config.durable_name, event_id = tracing::field::Empty);
+        keel_telemetry::set_parent_from_nats(&span, message.headers.as_ref());
+        let ack = process(pool, outbox, config, handler, &message)
+            .instrument(span)
+            .await;
+        if let Err(error) = message.ack_with(ack).await {
+            tracing::warn!(%error, subject = %message.subject, "acknowledging an event failed; it will be redelivered");
+        }
+    }
+}
+
+async fn process<H: EventHandler>(
+    pool: &PgPool,
+    outbox: &Outbox,
+    config: &ConsumerConfig,
+    handler: &H,
+    message: &jetstream::Message,
+) -> AckKind {
+    let event_id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(MSG_ID_HEADER))
+        .and_then(|v| Uuid::parse_str(v.as_str()).ok());
+    let Some(event_id) = event_id else {
+        tracing::warn!(subject = %message.subject, "event without a valid Nats-Msg-Id header; dropped");
+        return AckKind::Term;
+    };
+    tracing::Span::current().record("event_id", tracing::field::display(event_id));
+    let attempt = message.info().map(|i| i.delivered).unwrap_or(1);
+    let delivery = Delivery {
+        event_id,
+        subject: message.subject.to_string(),
+        payload: message.payload.clone(),
+        attempt,
+    };
+    match handle_once(pool, outbox, &config.durable_name, handler, &delivery).await {
+        Ok(true) => AckKind::Ack,
+        Ok(false) => {
+            tracing::debug!("event already processed; acknowledged again");
+            AckKind::Ack
+        }
+        Err(HandlerError::Reject(reason)) => {
+            tracing::warn!(%reason, "event rejected by its handler; dropped");
+            AckKind::Term
+        }
+        Err(HandlerError::Retry(reason)) => {
+            tracing::warn!(%reason, attempt, "event handling failed; will retry");
+            AckKind::Nak(Some(config.retry_delay))
+        }
+    }
+}
+
+/// Runs the handler unless the event was processed before; true when it ran.
+pub async fn handle_once<H: EventHandler>(
+    pool: &PgPool,
+    outbox: &Outbox,
+    consumer: &str,
+    handler: &H,
+    delivery: &Delivery,
+) -> Result<bool, HandlerError> {
+    let retry = |e: sqlx::Error| HandlerError::Retry(e.to_string());
+    let mut tx = pool.begin().await.map_err(retry)?;
+    let first_time = sqlx::query(&format!(
+        "INSERT INTO {}.inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        outbox.schema()
+    ))
+    .bind(consumer)
+    .bind(delivery.event_id)
+    .execute(&mut *tx)
+    .await
+    .map_err(retry)?
+    .rows_affected()
+        == 1;
+    if !first_time {
+        return Ok(false);
+    }
+    handler.handle(&mut tx, delivery).await?;
+    tx.commit().await.map_err(retry)?;
+    Ok(true)
+}

@@ -1,0 +1,414 @@
+//! The `keel.v1.RegistryService` gRPC API: authorisation, validation, then the store.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use keel_auth::{Role, principal};
+use keel_proto::v1::registry_service_server::RegistryService;
+use keel_proto::v1::*;
+use prost::Message;
+use secrecy::ExposeSecret;
+use sha2::Digest;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::connection;
+use crate::error::RegistryError;
+use crate::probe;
+use crate::selector;
+use crate::store::{Changes, InstanceStore, ListFilter, NewInstance};
+use crate::validate::{self, Invalid};
+
+/// Largest request the registry reads. Instances are small; anything bigger is a
+/// mistake or an attack, and is refused with what to fix rather than stored.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const DEFAULT_PAGE_SIZE: i32 = 100;
+const MAX_PAGE_SIZE: i32 = 1000;
+/// Fields an update mask may name.
+const UPDATABLE: &[&str] = &[
+    "name",
+    "connection_url",
+    "environment",
+    "labels",
+    "monitoring_endpoints",
+];
+
+/// Settings of the registry service.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// How long `CheckInstance` waits for the database to answer.
+    pub check_timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            check_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The registry's gRPC service.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    store: InstanceStore,
+    config: RegistryConfig,
+}
+
+impl Registry {
+    pub(crate) fn from_store(store: InstanceStore, config: RegistryConfig) -> Self {
+        Self { store, config }
+    }
+}
+
+fn check_size<T: Message>(request: &Request<T>) -> Result<(), Status> {
+    let size = request.get_ref().encoded_len();
+    if size > MAX_REQUEST_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "request is {size} bytes; the registry accepts at most {MAX_REQUEST_BYTES} (names, URLs, labels and endpoints are all short)"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("id is required"));
+    }
+    Uuid::parse_str(id).map_err(|_| {
+        let shown: String = id.chars().take(40).collect();
+        Status::invalid_argument(format!(
+            "id {shown:?} is not a UUID such as 01890a5d-ac96-774b-bcce-b302099a8057"
+        ))
+    })
+}
+
+fn labels_of(
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, Invalid> {
+    validate::labels(labels)?;
+    Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// Page tokens carry the last id and a digest of the filters, so a token reused
+/// with other filters is refused instead of silently skipping rows.
+fn page_token(last: Uuid, filters: &[u8; 8]) -> String {
+    let mut raw = last.as_bytes().to_vec();
+    raw.extend_from_slice(filters);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn filters_digest(request: &ListInstancesRequest) -> [u8; 8] {
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(request.label_selector.as_bytes());
+    hasher.update([0]);
+    hasher.update(request.engine.to_le_bytes());
+    hasher.update(request.environment.as_bytes());
+    let digest = hasher.finalize();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&digest[..8]);
+    out
+}
+
+fn parse_page_token(token: &str, filters: &[u8; 8]) -> Result<Option<Uuid>, Invalid> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || {
+        Invalid::new(
+            "page_token",
+            "is not a token this server issued; send next_page_token unchanged",
+        )
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| invalid())?;
+    if raw.len() != 24 {
+        return Err(invalid());
+    }
+    if raw[16..] != filters[..] {
+        return Err(Invalid::new(
+            "page_token",
+            "was issued for other filters; keep label_selector, engine and environment the same while paging",
+        ));
+    }
+    let id = Uuid::from_slice(&raw[..16]).map_err(|_| invalid())?;
+    Ok(Some(id))
+}
+
+#[tonic::async_trait]
+impl RegistryService for Registry {
+    #[tracing::instrument(skip_all, fields(tenant, instance_id))]
+    async fn create_instance(
+        &self,
+        request: Request<CreateInstanceRequest>,
+    ) -> Result<Response<CreateInstanceResponse>, Status> {
+        check_size(&request)?;
+        let principal = principal(&request)?;
+        principal.require(Role::Operator, "create instances")?;
+        tracing::Span::current().record("tenant", principal.tenant.as_str());
+        let instance = request
+            .get_ref()
+            .instance
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("instance is required"))?;
+        let new = (|| -> Result<NewInstance, Invalid> {
+            validate::name(&instance.name)?;
+            let engine = validate::engine(instance.engine)?;
+            let url = connection::parse(engine, &instance.connection_url)?;
+            validate::environment(&instance.environment)?;
+            let labels = labels_of(&instance.labels)?;
+            validate::monitoring_endpoints(&instance.monitoring_endpoints)?;
+            Ok(NewInstance {
+                name: instance.name.clone(),
+                engine,
+                url,
+                environment: instance.environment.clone(),
+                labels,
+                endpoints: instance.monitoring_endpoints.clone(),
+            })
+        })()
+        .map_err(RegistryError::from)?;
+        let created = self.store.create(&principal.tenant, new).await?;
+        tracing::Span::current().record("instance_id", created.id.as_str());
+        tracing::info!(name = %created.name, "instance created");
+        Ok(Response::new(CreateInstanceResponse {
+            instance: Some(created),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant, instance_id))]
+    async fn get_instance(
+        &self,
+        request: Request<GetInstanceRequest>,
+    ) -> Result<Response<GetInstanceResponse>, Status> {
+        check_size(&request)?;
+        let principal = principal(&request)?;
+        principal.require(Role::Viewer, "read instances")?;
+        let req = request.get_ref();
+        let instance = match (req.id.is_empty(), req.name.is_empty()) {
+            (false, true) => {
+                let id = parse_id(&req.id)?;
+                tracing::Span::current().record("instance_id", tracing::field::display(id));
+                self.store.get(&principal.tenant, id).await?
+            }
+            (true, false) => {
+                validate::name(&req.name).map_err(RegistryError::from)?;
+                self.store.get_by_name(&principal.tenant, &req.name).await?
+            }
+            _ => return Err(Status::invalid_argument("send exactly one of id or name")),
+        };
+        Ok(Response::new(GetInstanceResponse {
+            instance: Some(instance),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant))]
+    async fn list_instances(
+        &self,
+        request: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        check_size(&request)?;
+        let principal = principal(&request)?;
+        principal.require(Role::Viewer, "list instances")?;
+        let req = request.get_ref();
+        let filter = (|| -> Result<ListFilter, Invalid> {
+            let limit = match req.page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
+                n => return Err(Invalid::new("page_size", format!("{n} is out of range; use 1 to {MAX_PAGE_SIZE}, or 0 for {DEFAULT_PAGE_SIZE}"))),
+            };
+            let engine = match req.engine {
+                0 => None,
+                raw => Some(validate::engine(raw)?),
+            };
+            let environment = (!req.environment.is_empty()).then(|| req.environment.clone());
+            if let Some(environment) = &environment {
+                validate::environment(environment)?;
+            }
+            Ok(ListFilter {
+                engine,
+                environment,
+                selector: selector::parse(&req.label_selector)?,
+                after: parse_page_token(&req.page_token, &filters_digest(req))?,
+                limit: i64::from(limit),
+            })
+        })()
+        .map_err(RegistryError::from)?;
+        let (instances, more) = self.store.list(&principal.tenant, &filter).await?;
+        let next_page_token = match instances.last() {
+            Some(last) if more => page_token(
+                Uuid::parse_str(&last.id).unwrap_or_default(),
+                &filters_digest(req),
+            ),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListInstancesResponse {
+            instances,
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant, instance_id))]
+    async fn update_instance(
+        &self,
+        request: Request<UpdateInstanceRequest>,
+    ) -> Result<Response<UpdateInstanceResponse>, Status> {
+        check_size(&request)?;
+        let principal = principal(&request)?;
+        principal.require(Role::Operator, "update instances")?;
+        let req = request.get_ref();
+        let id = parse_id(&req.id)?;
+        tracing::Span::current().record("instance_id", tracing::field::display(id));
+        if req.expected_version <= 0 {
+            return Err(Status::invalid_argument(
+                "expected_version is required: send the version you last read, so concurrent changes are not overwritten",
+            ));
+        }
+        let paths: Vec<String> = req
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
+        if paths.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "update_mask is required: name the fields to change, any of {}",
+                UPDATABLE.join(", ")
+            )));
+        }
+        for path in &paths {
+            if !UPDATABLE.contains(&path.as_str()) {
+                let reason = match path.as_str() {
+                    "engine" => {
+                        "engine is fixed at creation; register a new instance instead".to_owned()
+                    }
+                    "id" | "tenant" | "version" | "health" | "create_time" | "update_time" => {
+                        format!("{path} is output only")
+                    }
+                    other => format!(
+                        "{other:?} is not a field; use any of {}",
+                        UPDATABLE.join(", ")
+                    ),
+                };
+                return Err(Status::invalid_argument(format!("update_mask: {reason}")));
+            }
+        }
+        let empty = Instance::default();
+        let instance = req.instance.as_ref().unwrap_or(&empty);
+        let has = |field: &str| paths.iter().any(|p| p == field);
+        // The engine decides which URL schemes are valid; it is read only when needed.
+        let engine = if has("connection_url") {
+            let stored = self.store.get(&principal.tenant, id).await?;
+            Engine::try_from(stored.engine).unwrap_or(Engine::Unspecified)
+        } else {
+            Engine::Unspecified
+        };
+        let changes = (|| -> Result<Changes, Invalid> {
+            let mut changes = Changes::default();
+            if has("name") {
+                validate::name(&instance.name)?;
+                changes.name = Some(instance.name.clone());
+            }
+            if has("connection_url") {
+                changes.url = Some(connection::parse(engine, &instance.connection_url)?);
+            }
+            if has("environment") {
+                validate::environment(&instance.environment)?;
+                changes.environment = Some(instance.environment.clone());
+            }
+            if has("labels") {
+                changes.labels = Some(labels_of(&instance.labels)?);
+            }
+            if has("monitoring_endpoints") {
+                validate::monitoring_endpoints(&instance.monitoring_endpoints)?;
+                changes.endpoints = Some(instance.monitoring_endpoints.clone());
+            }
+            Ok(changes)
+        })()
+        .map_err(RegistryError::from)?;
+        let mut changed: Vec<String> = paths.clone();
+        changed.sort();
+        changed.dedup();
+        let updated = self
+            .store
+            .update(
+                &principal.tenant,
+                id,
+                req.expected_version,
+                changes,
+                changed,
+            )
+            .await?;
+        tracing::info!(version = updated.version, "instance updated");
+        Ok(Response::new(UpdateInstanceResponse {
+            instance: Some(updated),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant, instance_id))]
+    async fn delete_instance(
+        &self,
+        request: Request<DeleteInstanceRequest>,
+    ) -> Result<Response<DeleteInstanceResponse>, Status> {
+        let principal = principal(&request)?;
+        principal.require(Role::Operator, "delete instances")?;
+        let req = request.get_ref();
+        let id = parse_id(&req.id)?;
+        tracing::Span::current().record("instance_id", tracing::field::display(id));
+        let expected = match req.expected_version {
+            0 => None,
+            v if v > 0 => Some(v),
+            v => {
+                return Err(Status::invalid_argument(format!(
+                    "expected_version {v} is negative; send the version you read, or 0 for any"
+                )));
+            }
+        };
+        self.store.delete(&principal.tenant, id, expected).await?;
+        tracing::info!("instance deleted");
+        Ok(Response::new(DeleteInstanceResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant, instance_id))]
+    async fn check_instance(
+        &self,
+        request: Request<CheckInstanceRequest>,
+    ) -> Result<Response<CheckInstanceResponse>, Status> {
+        let principal = principal(&request)?;
+        principal.require(Role::Operator, "check instances")?;
+        let id = parse_id(&request.get_ref().id)?;
+        tracing::Span::current().record("instance_id", tracing::field::display(id));
+        let (clear, instance) = self.store.connection(&principal.tenant, id).await?;
+        let engine = Engine::try_from(instance.engine).unwrap_or(Engine::Unspecified);
+        let url = connection::parse(engine, clear.expose_secret()).map_err(RegistryError::from)?;
+        let report = probe::probe(engine, &url, self.config.check_timeout).await;
+        let checked = self
+            .store
+            .record_health(&principal.tenant, id, &report.health)
+            .await?;
+        tracing::info!(reachable = report.health.reachable, "instance checked");
+        Ok(Response::new(CheckInstanceResponse {
+            health: checked.health,
+            findings: report.findings,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant, instance_id))]
+    async fn get_instance_connection(
+        &self,
+        request: Request<GetInstanceConnectionRequest>,
+    ) -> Result<Response<GetInstanceConnectionResponse>, Status> {
+        let principal = principal(&request)?;
+        principal.require(Role::Service, "read clear connection URLs")?;
+        let id = parse_id(&request.get_ref().id)?;
+        tracing::Span::current().record("instance_id", tracing::field::display(id));
+        let (clear, instance) = self.store.connection(&principal.tenant, id).await?;
+        Ok(Response::new(GetInstanceConnectionResponse {
+            instance_id: instance.id,
+            engine: instance.engine,
+            connection_url: clear.expose_secret().to_owned(),
+            version: instance.version,
+        }))
+    }
+}

@@ -1,0 +1,315 @@
+//! Every flag and environment variable of the `keel` binary, in one place.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use keel_config::{DatabaseConfig, ListenConfig, NatsConfig, TelemetryConfig, parse_duration};
+use secrecy::SecretString;
+
+/// Keel keeps fleets of PostgreSQL and Redis databases healthy.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run Keel's services.
+    Serve(ServeArgs),
+    /// Register, inspect and check database instances.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+    /// Watch Keel's events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Administer API keys and encryption keys (talks to the state store directly).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// Which services a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Target {
+    /// Every service in one process (a laptop or a small fleet).
+    All,
+    /// The instance registry.
+    Registry,
+    /// The metrics collector.
+    Collector,
+    /// The index optimizer.
+    Optimizer,
+    /// Alert remediation.
+    Remediation,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Services to run in this process.
+    #[arg(long, env = "KEEL_TARGET", value_enum, default_value_t = Target::All)]
+    pub(crate) target: Target,
+    #[command(flatten)]
+    pub(crate) database: DatabaseConfig,
+    #[command(flatten)]
+    pub(crate) nats: NatsConfig,
+    #[command(flatten)]
+    pub(crate) listen: ListenConfig,
+    #[command(flatten)]
+    pub(crate) telemetry: TelemetryConfig,
+    #[command(flatten)]
+    pub(crate) encryption: EncryptionArgs,
+    /// File holding an admin API key to register at start (e.g. a mounted Kubernetes Secret),
+    /// so a new deployment can be used without `keel admin create-key`.
+    #[arg(long, env = "KEEL_BOOTSTRAP_ADMIN_KEY_FILE")]
+    pub(crate) bootstrap_admin_key_file: Option<PathBuf>,
+    /// Tenant of the bootstrap admin key.
+    #[arg(long, env = "KEEL_BOOTSTRAP_TENANT", default_value = "default")]
+    pub(crate) bootstrap_tenant: String,
+    /// How long an authenticated API key is trusted before it is looked up again
+    /// (bounds how long a revoked key keeps working).
+    #[arg(long, env = "KEEL_AUTH_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) auth_cache_ttl: Duration,
+    /// How long an instance check waits for the database.
+    #[arg(long, env = "KEEL_CHECK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) check_timeout: Duration,
+}
+
+/// The key ring that encrypts connection credentials at rest.
+#[derive(Debug, Args)]
+pub(crate) struct EncryptionArgs {
+    /// Key ring `id:base64key[,id:base64key…]`; the first key encrypts, all decrypt.
+    /// Generate a key with `head -c 32 /dev/urandom | base64`. Prefer the _FILE variant.
+    #[arg(
+        long = "encryption-keys",
+        env = "KEEL_ENCRYPTION_KEYS",
+        hide_env_values = true,
+        conflicts_with = "encryption_keys_file"
+    )]
+    pub(crate) keys: Option<SecretString>,
+    /// File holding the key ring, one `id:base64key` per line (e.g. a mounted Kubernetes Secret).
+    #[arg(long = "encryption-keys-file", env = "KEEL_ENCRYPTION_KEYS_FILE")]
+    pub(crate) encryption_keys_file: Option<PathBuf>,
+}
+
+/// How the CLI reaches a Keel server.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ClientArgs {
+    /// gRPC endpoint of Keel.
+    #[arg(
+        long,
+        env = "KEEL_ENDPOINT",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub(crate) endpoint: String,
+    /// API key (`keel_…`).
+    #[arg(
+        long = "api-key",
+        env = "KEEL_API_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub(crate) api_key: Option<SecretString>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    pub(crate) output: Output,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// Human-readable tables.
+    Table,
+    /// JSON, one document per result (one per line for streams).
+    Json,
+}
+
+/// Engines as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum EngineArg {
+    /// PostgreSQL.
+    Postgres,
+    /// Redis.
+    Redis,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum InstanceCommand {
+    /// Register an instance.
+    Add {
+        /// Name, unique in your tenant (a-z, 0-9, '-').
+        name: String,
+        /// Database engine.
+        #[arg(long, value_enum)]
+        engine: EngineArg,
+        /// Connection URL, e.g. postgres://user:password@host:5432/db.
+        #[arg(long, env = "KEEL_INSTANCE_URL", hide_env_values = true)]
+        url: SecretString,
+        /// Environment, e.g. production.
+        #[arg(long = "env", default_value = "")]
+        environment: String,
+        /// Label `key=value`; repeatable.
+        #[arg(long = "label", short = 'l', value_parser = parse_key_value)]
+        labels: Vec<(String, String)>,
+        /// Monitoring endpoint `kind=url`; repeatable.
+        #[arg(long = "monitoring-endpoint", value_parser = parse_key_value)]
+        endpoints: Vec<(String, String)>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List instances.
+    Ls {
+        /// Label selector, e.g. `tier=db,region in (eu,us)`.
+        #[arg(long, short = 's', default_value = "")]
+        selector: String,
+        /// Only this engine.
+        #[arg(long, value_enum)]
+        engine: Option<EngineArg>,
+        /// Only this environment.
+        #[arg(long = "env")]
+        environment: Option<String>,
+        /// Most instances to print (all when unset).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one instance.
+    Get {
+        /// Name or id.
+        instance: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Change an instance.
+    Update {
+        /// Name or id.
+        instance: String,
+        /// New name.
+        #[arg(long)]
+        rename: Option<String>,
+        /// New connection URL.
+        #[arg(long, env = "KEEL_INSTANCE_URL", hide_env_values = true)]
+        url: Option<SecretString>,
+        /// New environment.
+        #[arg(long = "env")]
+        environment: Option<String>,
+        /// Set label `key=value`; repeatable.
+        #[arg(long = "label", short = 'l', value_parser = parse_key_value)]
+        labels: Vec<(String, String)>,
+        /// Remove label `key`; repeatable.
+        #[arg(long = "remove-label")]
+        remove_labels: Vec<String>,
+        /// Fail unless the stored version is this one (default: the version just read).
+        #[arg(long)]
+        expected_version: Option<i64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove an instance.
+    Rm {
+        /// Name or id.
+        instance: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Probe an instance now and show what Keel needs from it.
+    Check {
+        /// Name or id.
+        instance: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum EventsCommand {
+    /// Print Keel's events as they happen.
+    Tail {
+        /// Subject filter, e.g. `keel.registry.>`.
+        #[arg(default_value = "keel.>")]
+        subject: String,
+        /// Start from the oldest stored event instead of new ones.
+        #[arg(long)]
+        from_start: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        #[command(flatten)]
+        nats: NatsConfig,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AdminCommand {
+    /// Create an API key and print it once.
+    CreateKey {
+        /// Tenant the key acts for.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Role: viewer, operator, admin or service.
+        #[arg(long)]
+        role: keel_auth::Role,
+        /// Label of the key, unique among the tenant's keys.
+        #[arg(long)]
+        name: String,
+        /// Lifetime, e.g. 90d is written 2160h; never expires when unset.
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<Duration>,
+        #[command(flatten)]
+        database: DatabaseConfig,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// List API keys (never the keys themselves).
+    ListKeys {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        database: DatabaseConfig,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke an API key by id.
+    RevokeKey {
+        /// Key id, as listed by list-keys.
+        id: uuid::Uuid,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
+    /// Re-encrypt every stored credential under the key ring's first key.
+    RotateKey {
+        #[command(flatten)]
+        database: DatabaseConfig,
+        #[command(flatten)]
+        encryption: EncryptionArgs,
+        /// Rows re-encrypted per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+    },
+}
+
+fn parse_key_value(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("{raw:?} is not key=value"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

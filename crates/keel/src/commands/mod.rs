@@ -1,0 +1,5 @@
+//! The client subcommands.
+
+pub(crate) mod admin;
+pub(crate) mod events;
+pub(crate) mod instance;
