@@ -1,0 +1,360 @@
+//! Serving plumbing every Keel service uses.
+//!
+//! A [`Server`] serves, on the gRPC listener, the caller's services plus `grpc.health.v1` and
+//! server reflection (v1 and v1alpha), each call traced ([`keel_telemetry::GrpcTraceLayer`]) and
+//! counted in the gRPC metrics; and on the HTTP listener `/metrics` (OpenMetrics), `/healthz`
+//! (liveness) and `/readyz` (readiness checks). It shuts both down gracefully when told to.
+//!
+//! The caller applies its own authentication to its own services before putting them into
+//! [`Routes`], so health and reflection stay open to probes and tools.
+//!
+//! ```no_run
+//! # async fn run(listen: keel_config::ListenConfig, svc: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>) -> Result<(), keel_server::ServerError> {
+//! let mut server = keel_server::Server::new(&listen);
+//! server.register_service("keel.v1.RegistryService");
+//! server.readiness_check("postgres", || Box::pin(async { Ok(()) }));
+//! server.serve(tonic::service::Routes::new(svc), keel_server::shutdown_signal()).await
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod http;
+mod metrics;
+
+use std::collections::HashSet;
+use std::future::{Future, IntoFuture as _};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use keel_config::ListenConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+
+pub use metrics::Metrics;
+
+use crate::http::{Readiness, ReadinessCheck};
+use crate::metrics::GrpcMetrics;
+
+/// Services this crate adds to every gRPC server; they always get their own metric labels.
+const BUILT_IN_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why the operating system refused.
+        source: std::io::Error,
+    },
+    /// A listener's address could not be read.
+    #[error("cannot read the listener's address: {0}")]
+    LocalAddr(#[source] std::io::Error),
+    /// The reflection service could not be built from the descriptor sets.
+    #[error("reflection service cannot be built: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// A descriptor set embedded in the binary does not decode.
+    #[error("embedded protobuf descriptors do not decode: {0}")]
+    Descriptors(#[from] prost::DecodeError),
+    /// The gRPC server stopped with an error.
+    #[error("grpc server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The HTTP server stopped with an error.
+    #[error("http server failed: {0}")]
+    Http(#[source] std::io::Error),
+    /// A server stopped before shutdown was asked for, without saying why.
+    #[error("{0} server stopped before shutdown was requested")]
+    StoppedEarly(&'static str),
+    /// A server task panicked or was cancelled.
+    #[error("{listener} server task failed: {source}")]
+    Task {
+        /// `grpc` or `http`.
+        listener: &'static str,
+        /// The panic or cancellation.
+        source: tokio::task::JoinError,
+    },
+}
+
+/// One process's gRPC and HTTP servers, configured before [`Server::serve`] starts them.
+#[derive(Debug)]
+pub struct Server {
+    listen: ListenConfig,
+    metrics: Metrics,
+    grpc_metrics: GrpcMetrics,
+    services: Vec<&'static str>,
+    checks: Vec<ReadinessCheck>,
+}
+
+impl Server {
+    /// A server for the addresses and shutdown grace in `listen`, with an empty metrics registry
+    /// holding only the gRPC server metrics.
+    pub fn new(listen: &ListenConfig) -> Self {
+        let metrics = Metrics::default();
+        let grpc_metrics = GrpcMetrics::register(&metrics);
+        Self {
+            listen: listen.clone(),
+            metrics,
+            grpc_metrics,
+            services: Vec::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    /// The metrics registry served on `/metrics`; services register their own metrics here.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Declares a gRPC service that the routes passed to [`Server::serve`] contain, by its full
+    /// name (e.g. `keel.v1.RegistryService`, the generated `registry_service_server::SERVICE_NAME`).
+    ///
+    /// The service is reported SERVING by `grpc.health.v1` while the server runs, and its methods
+    /// get their own labels in the gRPC metrics (methods of undeclared services are counted as
+    /// `other`, which keeps the number of series bounded).
+    pub fn register_service(&mut self, name: &'static str) -> &mut Self {
+        if !self.services.contains(&name) {
+            self.services.push(name);
+        }
+        self
+    }
+
+    /// Adds a readiness check that `/readyz` runs: `/readyz` answers 200 when every check returns
+    /// `Ok`, else 503 naming each failing check with its reason. Checks run concurrently and each
+    /// gets 800 ms. The reason is shown to anyone who can reach the HTTP listener: never put a
+    /// secret in it.
+    pub fn readiness_check(
+        &mut self,
+        name: &'static str,
+        check: impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.checks.push(ReadinessCheck {
+            name,
+            check: Arc::new(check),
+        });
+        self
+    }
+
+    /// Binds `listen.grpc` and `listen.http`, then serves as [`Server::serve_with_listeners`] does.
+    pub async fn serve(
+        self,
+        routes: Routes,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let grpc = bind(self.listen.grpc).await?;
+        let http = bind(self.listen.http).await?;
+        self.serve_with_listeners(grpc, http, routes, shutdown)
+            .await
+    }
+
+    /// Serves until `shutdown` resolves, on listeners the caller bound (tests bind port 0).
+    ///
+    /// gRPC: `routes` plus health and reflection, behind the tracing and metrics layers.
+    /// HTTP: `/metrics`, `/healthz`, `/readyz`.
+    ///
+    /// When `shutdown` resolves, health turns NOT_SERVING and `/readyz` 503, both listeners stop
+    /// accepting, and in-flight requests get `listen.shutdown_grace` to finish; whatever is still
+    /// running then is cut off. Returns an error if a server fails, including one that stops on
+    /// its own before `shutdown`.
+    pub async fn serve_with_listeners(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        routes: Routes,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let grpc_addr = grpc.local_addr().map_err(ServerError::LocalAddr)?;
+        let http_addr = http.local_addr().map_err(ServerError::LocalAddr)?;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in &self.services {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        let descriptor_sets = [
+            keel_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ];
+        let reflection_v1 = reflection(&descriptor_sets).build_v1()?;
+        let reflection_v1alpha = reflection(&descriptor_sets).build_v1alpha()?;
+        let reflection_sets = [
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            keel_proto::FILE_DESCRIPTOR_SET,
+        ];
+        let known: HashSet<&str> = self
+            .services
+            .iter()
+            .copied()
+            .chain(BUILT_IN_SERVICES)
+            .collect();
+        let metrics_layer = self.grpc_metrics.layer(&reflection_sets, &known)?;
+
+        let routes = routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let readiness = Arc::new(Readiness {
+            checks: self.checks,
+            shutting_down: false.into(),
+        });
+
+        let (stop, stopping) = watch::channel(false);
+        let grpc_server = tonic::transport::Server::builder()
+            .layer(keel_telemetry::GrpcTraceLayer)
+            .layer(metrics_layer)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc),
+                stopped(stopping.clone()),
+            );
+        let http_server = axum::serve(http, http::router(self.metrics.clone(), readiness.clone()))
+            .with_graceful_shutdown(stopped(stopping))
+            .into_future();
+        let mut grpc_task =
+            tokio::spawn(async move { grpc_server.await.map_err(ServerError::Grpc) });
+        let mut http_task =
+            tokio::spawn(async move { http_server.await.map_err(ServerError::Http) });
+        tracing::info!(%grpc_addr, %http_addr, services = ?self.services, "serving");
+
+        // Either shutdown is asked for, or a server stops by itself, which is a failure.
+        let mut first_error = None;
+        let mut grpc_done = false;
+        let mut http_done = false;
+        tokio::select! {
+            () = shutdown => tracing::info!("shutdown requested"),
+            result = &mut grpc_task => {
+                grpc_done = true;
+                first_error = Some(early_stop("grpc", result));
+            }
+            result = &mut http_task => {
+                http_done = true;
+                first_error = Some(early_stop("http", result));
+            }
+        }
+
+        readiness.shutting_down.store(true, Ordering::Relaxed);
+        for name in self.services.iter().copied().chain([""]) {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        // Receivers only go away once both servers have stopped, so a send error means nothing is
+        // left to notify.
+        let _ = stop.send(true);
+
+        let deadline = tokio::time::Instant::now() + self.listen.shutdown_grace;
+        let grace = self.listen.shutdown_grace;
+        if !grpc_done && let Err(error) = drain("grpc", &mut grpc_task, deadline, grace).await {
+            first_error.get_or_insert(error);
+        }
+        if !http_done && let Err(error) = drain("http", &mut http_task, deadline, grace).await {
+            first_error.get_or_insert(error);
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => {
+                tracing::info!("servers stopped");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            // Without the handler the process can still be stopped by SIGTERM or SIGKILL.
+            tracing::warn!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("ctrl-c received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+fn reflection<'b>(descriptor_sets: &[&'b [u8]]) -> tonic_reflection::server::Builder<'b> {
+    descriptor_sets.iter().fold(
+        tonic_reflection::server::Builder::configure(),
+        |builder, set| builder.register_encoded_file_descriptor_set(set),
+    )
+}
+
+/// Resolves once `stopping` turns true, or its sender is gone (nothing can stop us then anyway).
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+type ServerTask = JoinHandle<Result<(), ServerError>>;
+
+fn early_stop(
+    listener: &'static str,
+    result: Result<Result<(), ServerError>, tokio::task::JoinError>,
+) -> ServerError {
+    match result {
+        Ok(Ok(())) => ServerError::StoppedEarly(listener),
+        Ok(Err(error)) => error,
+        Err(source) => ServerError::Task { listener, source },
+    }
+}
+
+/// Waits for a stopping server until `deadline`, then cuts it off.
+async fn drain(
+    listener: &'static str,
+    task: &mut ServerTask,
+    deadline: tokio::time::Instant,
+    grace: Duration,
+) -> Result<(), ServerError> {
+    match tokio::time::timeout_at(deadline, &mut *task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(source)) => Err(ServerError::Task { listener, source }),
+        Err(_) => {
+            // Long streams (a health Watch, say) never end by themselves. The server stops waiting
+            // for them here; the connections themselves end when the process exits.
+            tracing::warn!(
+                listener,
+                ?grace,
+                "in-flight requests still running after the grace period; cutting them off"
+            );
+            task.abort();
+            Ok(())
+        }
+    }
+}

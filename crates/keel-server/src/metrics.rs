@@ -1,0 +1,389 @@
+//! The Prometheus registry shared by a process, and the gRPC metrics layer.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Metric, Registry};
+use prost::Message as _;
+
+/// The Prometheus registry of a process, served as OpenMetrics text on `/metrics`.
+///
+/// Cheap to clone; every clone registers into the same registry. Services register their own
+/// metrics here before serving starts. Keep label values bounded: never raw SQL, URLs, ids of
+/// unbounded sets, or anything secret.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+}
+
+impl Metrics {
+    /// Registers `metric` under `name` (without the `_total` suffix a counter gets on output).
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.with_registry(|registry| registry.register(name, help, metric));
+    }
+
+    /// Runs `f` on the registry, for what [`Metrics::register`] does not cover: units,
+    /// sub-registries with a prefix or constant labels, collectors.
+    pub fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
+        // A panic while registering leaves the registry usable: at worst one metric is missing.
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut registry)
+    }
+
+    /// The registry as OpenMetrics text, ending with `# EOF`.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        self.with_registry(|registry| {
+            prometheus_client::encoding::text::encode(&mut text, registry)
+        })?;
+        Ok(text)
+    }
+}
+
+/// Label value standing for any service or method not in the allow-list, so a client sending
+/// made-up paths cannot create new series.
+const OTHER: &str = "other";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_service: String,
+    grpc_method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_service: String,
+    grpc_method: String,
+    grpc_code: &'static str,
+}
+
+type LatencyFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to about 16 s: from a cached read to a slow what-if analysis.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// The gRPC server metrics, registered when the server is created so that services and
+/// dashboards see them before the first request.
+#[derive(Debug, Clone)]
+pub(crate) struct GrpcMetrics {
+    handled: Family<HandledLabels, Counter>,
+    latency: LatencyFamily,
+}
+
+impl GrpcMetrics {
+    pub(crate) fn register(metrics: &Metrics) -> Self {
+        let handled = Family::<HandledLabels, Counter>::default();
+        let latency = LatencyFamily::new_with_constructor(latency_histogram);
+        metrics.register(
+            "grpc_server_handled",
+            "gRPC calls completed on the server, by service, method and status code",
+            handled.clone(),
+        );
+        metrics.with_registry(|registry| {
+            registry.register_with_unit(
+                "grpc_server_handling",
+                "Time from receiving a gRPC call to sending the end of its response",
+                prometheus_client::registry::Unit::Seconds,
+                latency.clone(),
+            );
+        });
+        Self { handled, latency }
+    }
+
+    /// A layer labelling calls by method for the services named in `services` (and the methods
+    /// their descriptors list), and as `other` for everything else.
+    pub(crate) fn layer(
+        &self,
+        descriptor_sets: &[&[u8]],
+        services: &HashSet<&str>,
+    ) -> Result<GrpcMetricsLayer, prost::DecodeError> {
+        let mut methods = HashMap::new();
+        for encoded in descriptor_sets {
+            let set = prost_types::FileDescriptorSet::decode(*encoded)?;
+            for file in &set.file {
+                for service in &file.service {
+                    let full_name = match file.package() {
+                        "" => service.name().to_owned(),
+                        package => format!("{package}.{}", service.name()),
+                    };
+                    if !services.contains(full_name.as_str()) {
+                        continue;
+                    }
+                    for method in &service.method {
+                        methods.insert(
+                            format!("/{full_name}/{}", method.name()),
+                            MethodLabels {
+                                grpc_service: full_name.clone(),
+                                grpc_method: method.name().into(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Ok(GrpcMetricsLayer {
+            shared: Arc::new(Shared {
+                metrics: self.clone(),
+                methods,
+                other: MethodLabels {
+                    grpc_service: OTHER.into(),
+                    grpc_method: OTHER.into(),
+                },
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    metrics: GrpcMetrics,
+    /// Request path (`/package.Service/Method`) to labels.
+    methods: HashMap<String, MethodLabels>,
+    other: MethodLabels,
+}
+
+/// Counts gRPC calls by method and status code and times them until the response ends.
+#[derive(Debug, Clone)]
+pub(crate) struct GrpcMetricsLayer {
+    shared: Arc<Shared>,
+}
+
+impl<S> tower_layer::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct GrpcMetricsService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for GrpcMetricsService<S>
+where
+    S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+{
+    type Response = http::Response<MetricsBody<ResBody>>;
+    type Error = S::Error;
+    type Future = MetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let labels = self
+            .shared
+            .methods
+            .get(request.uri().path())
+            .unwrap_or(&self.shared.other)
+            .clone();
+        let recorder = Recorder {
+            shared: self.shared.clone(),
+            labels,
+            start: Instant::now(),
+            done: false,
+        };
+        MetricsFuture {
+            inner: self.inner.call(request),
+            recorder: Some(recorder),
+        }
+    }
+}
+
+/// Records one call exactly once: when its status is known, or when it is dropped unfinished.
+#[derive(Debug)]
+struct Recorder {
+    shared: Arc<Shared>,
+    labels: MethodLabels,
+    start: Instant,
+    done: bool,
+}
+
+impl Recorder {
+    fn finish(&mut self, code: &'static str) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let metrics = &self.shared.metrics;
+        metrics
+            .latency
+            .get_or_create(&self.labels)
+            .observe(self.start.elapsed().as_secs_f64());
+        metrics
+            .handled
+            .get_or_create(&HandledLabels {
+                grpc_service: self.labels.grpc_service.clone(),
+                grpc_method: self.labels.grpc_method.clone(),
+                grpc_code: code,
+            })
+            .inc();
+    }
+
+    /// Finishes with the `grpc-status` in `headers`, if there is one.
+    fn finish_from(&mut self, headers: &http::HeaderMap) {
+        if let Some(code) = headers.get("grpc-status") {
+            let code = code
+                .to_str()
+                .ok()
+                .and_then(|code| code.parse().ok())
+                .unwrap_or(2);
+            self.finish(code_name(code));
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // Dropped before a status was seen: the client went away or the connection broke.
+        self.finish("CANCELLED");
+    }
+}
+
+pin_project! {
+    #[derive(Debug)]
+    pub(crate) struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        recorder: Option<Recorder>,
+    }
+}
+
+impl<F, ResBody, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = Result<http::Response<MetricsBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let Some(mut recorder) = this.recorder.take() else {
+            // Polled after completion: a caller bug, but nothing to record twice.
+            return Poll::Ready(result.map(|response| {
+                response.map(|inner| MetricsBody {
+                    inner,
+                    recorder: None,
+                })
+            }));
+        };
+        match result {
+            Ok(response) => {
+                // Trailers-only responses (errors raised before a body) carry the status here.
+                recorder.finish_from(response.headers());
+                Poll::Ready(Ok(response.map(|inner| MetricsBody {
+                    inner,
+                    recorder: Some(recorder),
+                })))
+            }
+            Err(error) => {
+                recorder.finish("INTERNAL");
+                Poll::Ready(Err(error))
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[derive(Debug)]
+    pub(crate) struct MetricsBody<B> {
+        #[pin]
+        inner: B,
+        recorder: Option<Recorder>,
+    }
+}
+
+impl<B: Body> Body for MetricsBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(recorder) = this.recorder {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        recorder.finish_from(trailers);
+                    }
+                }
+                Some(Err(_)) => recorder.finish("INTERNAL"),
+                // A gRPC response always ends with a status; one that does not is unexplained.
+                None => recorder.finish("UNKNOWN"),
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The canonical name of a gRPC status code, as other gRPC metrics libraries label it.
+fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        // 2 is UNKNOWN, and so is anything outside the defined range.
+        _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_have_canonical_names() {
+        assert_eq!(code_name(0), "OK");
+        assert_eq!(code_name(tonic::Code::Aborted as i32), "ABORTED");
+        assert_eq!(
+            code_name(tonic::Code::Unauthenticated as i32),
+            "UNAUTHENTICATED"
+        );
+        assert_eq!(code_name(2), "UNKNOWN");
+        assert_eq!(code_name(99), "UNKNOWN");
+        assert_eq!(code_name(-1), "UNKNOWN");
+    }
+}
