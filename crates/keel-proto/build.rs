@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["keel/v1/common.proto", "keel/v1/registry.proto", "keel/v1/events.proto"];
+    let files = [
+        "keel/v1/common.proto",
+        "keel/v1/registry.proto",
+        "keel/v1/events.proto",
+    ];
     let file_paths: Vec<PathBuf> = files.iter().map(|f| proto_root.join(f)).collect();
 
     let descriptors = protox::compile(&file_paths, [&proto_root])?;

@@ -37,13 +37,24 @@ pub enum ConfigError {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL of Keel's state store (each service keeps its own schema there).
-    #[arg(long = "database-url", env = "KEEL_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/keel", hide_env_values = true)]
+    #[arg(
+        id = "database_url",
+        long = "database-url",
+        env = "KEEL_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/keel",
+        hide_env_values = true
+    )]
     pub url: SecretString,
     /// Most connections one process holds open to the state store.
-    #[arg(long = "database-max-connections", env = "KEEL_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(
+        id = "database_max_connections",
+        long = "database-max-connections",
+        env = "KEEL_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
     pub max_connections: u32,
     /// How long to wait for a free connection before failing a request.
-    #[arg(long = "database-acquire-timeout", env = "KEEL_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(id = "database_acquire_timeout", long = "database-acquire-timeout", env = "KEEL_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub acquire_timeout: Duration,
 }
 
@@ -60,14 +71,20 @@ impl DatabaseConfig {
     /// Checks the URL scheme and pool bounds.
     pub fn validate(&self) -> Result<(), ConfigError> {
         const SETTING: &str = "--database-url / KEEL_DATABASE_URL";
-        let parsed = url::Url::parse(self.url.expose_secret()).map_err(|e| ConfigError::Invalid {
-            setting: SETTING,
-            reason: format!("not a URL ({e}); expected postgres://user:password@host:5432/database"),
-        })?;
+        let parsed =
+            url::Url::parse(self.url.expose_secret()).map_err(|e| ConfigError::Invalid {
+                setting: SETTING,
+                reason: format!(
+                    "not a URL ({e}); expected postgres://user:password@host:5432/database"
+                ),
+            })?;
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
             return Err(ConfigError::Invalid {
                 setting: SETTING,
-                reason: format!("scheme {:?} is not supported; use postgres://", parsed.scheme()),
+                reason: format!(
+                    "scheme {:?} is not supported; use postgres://",
+                    parsed.scheme()
+                ),
             });
         }
         if self.max_connections == 0 {
@@ -84,17 +101,29 @@ impl DatabaseConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsConfig {
     /// NATS server URL (JetStream must be enabled: `nats-server -js`).
-    #[arg(long = "nats-url", env = "KEEL_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        id = "nats_url",
+        long = "nats-url",
+        env = "KEEL_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub url: String,
     /// File holding the NATS credentials (`.creds`), if the server requires them.
-    #[arg(long = "nats-credentials-file", env = "KEEL_NATS_CREDENTIALS_FILE")]
+    #[arg(
+        id = "nats_credentials_file",
+        long = "nats-credentials-file",
+        env = "KEEL_NATS_CREDENTIALS_FILE"
+    )]
     pub credentials_file: Option<PathBuf>,
 }
 
 impl NatsConfig {
     /// A configuration for `url` without credentials.
     pub fn from_url(url: impl Into<String>) -> Self {
-        Self { url: url.into(), credentials_file: None }
+        Self {
+            url: url.into(),
+            credentials_file: None,
+        }
     }
 
     /// Checks that the URL parses as a NATS URL.
@@ -117,10 +146,18 @@ impl NatsConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ListenConfig {
     /// Address of the gRPC listener.
-    #[arg(long = "grpc-listen", env = "KEEL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long = "grpc-listen",
+        env = "KEEL_GRPC_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
     pub grpc: SocketAddr,
     /// Address of the HTTP listener (/metrics, /healthz, /readyz).
-    #[arg(long = "http-listen", env = "KEEL_HTTP_LISTEN", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long = "http-listen",
+        env = "KEEL_HTTP_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
     pub http: SocketAddr,
     /// How long in-flight requests may take to finish after a shutdown signal.
     #[arg(long = "shutdown-grace", env = "KEEL_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
@@ -140,7 +177,11 @@ pub struct TelemetryConfig {
     #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Service name reported in traces.
-    #[arg(long = "service-name", env = "OTEL_SERVICE_NAME", default_value = "keel")]
+    #[arg(
+        long = "service-name",
+        env = "OTEL_SERVICE_NAME",
+        default_value = "keel"
+    )]
     pub service_name: String,
 }
 
@@ -154,13 +195,18 @@ pub enum LogFormat {
 }
 
 /// Reads a secret from a file, trimming one trailing newline (as Kubernetes Secrets are mounted).
-pub fn read_secret_file(setting: &'static str, path: &std::path::Path) -> Result<SecretString, ConfigError> {
+pub fn read_secret_file(
+    setting: &'static str,
+    path: &std::path::Path,
+) -> Result<SecretString, ConfigError> {
     let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
         setting,
         path: path.to_owned(),
         source,
     })?;
-    Ok(SecretString::from(raw.trim_end_matches(['\n', '\r']).to_owned()))
+    Ok(SecretString::from(
+        raw.trim_end_matches(['\n', '\r']).to_owned(),
+    ))
 }
 
 /// Parses durations such as `250ms`, `5s`, `2m`, `1h`.
@@ -176,7 +222,11 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         "s" | "" => Duration::from_secs(value),
         "m" => Duration::from_secs(value * 60),
         "h" => Duration::from_secs(value * 3600),
-        other => return Err(format!("unknown unit {other:?} in {raw:?}; use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {raw:?}; use ms, s, m or h"
+            ));
+        }
     };
     Ok(duration)
 }
@@ -197,15 +247,29 @@ mod tests {
 
     #[test]
     fn database_url_must_be_postgres() {
-        assert!(DatabaseConfig::from_url("postgres://u@h/db").validate().is_ok());
-        let err = DatabaseConfig::from_url("mysql://u@h/db").validate().unwrap_err();
+        assert!(
+            DatabaseConfig::from_url("postgres://u@h/db")
+                .validate()
+                .is_ok()
+        );
+        let err = DatabaseConfig::from_url("mysql://u@h/db")
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("use postgres://"), "{err}");
         assert!(DatabaseConfig::from_url("not a url").validate().is_err());
     }
 
     #[test]
     fn nats_url_must_be_nats() {
-        assert!(NatsConfig::from_url("nats://127.0.0.1:4222").validate().is_ok());
-        assert!(NatsConfig::from_url("http://127.0.0.1:4222").validate().is_err());
+        assert!(
+            NatsConfig::from_url("nats://127.0.0.1:4222")
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            NatsConfig::from_url("http://127.0.0.1:4222")
+                .validate()
+                .is_err()
+        );
     }
 }

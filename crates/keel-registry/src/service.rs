@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine as _;
-use keel_auth::{Role, principal};
+use keel_auth::{Principal, Role, principal};
 use keel_proto::v1::registry_service_server::RegistryService;
 use keel_proto::v1::*;
 use prost::Message;
@@ -70,6 +70,14 @@ fn check_size<T: Message>(request: &Request<T>) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// The caller, if its role allows `action`; its tenant scopes everything that follows.
+fn authorize<'a, T>(request: &'a Request<T>, required: Role, action: &str) -> Result<&'a Principal, Status> {
+    let principal = principal(request)?;
+    principal.require(required, action)?;
+    tracing::Span::current().record("tenant", principal.tenant.as_str());
+    Ok(principal)
 }
 
 fn parse_id(id: &str) -> Result<Uuid, Status> {
@@ -145,9 +153,7 @@ impl RegistryService for Registry {
         request: Request<CreateInstanceRequest>,
     ) -> Result<Response<CreateInstanceResponse>, Status> {
         check_size(&request)?;
-        let principal = principal(&request)?;
-        principal.require(Role::Operator, "create instances")?;
-        tracing::Span::current().record("tenant", principal.tenant.as_str());
+        let principal = authorize(&request, Role::Operator, "create instances")?;
         let instance = request
             .get_ref()
             .instance
@@ -184,8 +190,7 @@ impl RegistryService for Registry {
         request: Request<GetInstanceRequest>,
     ) -> Result<Response<GetInstanceResponse>, Status> {
         check_size(&request)?;
-        let principal = principal(&request)?;
-        principal.require(Role::Viewer, "read instances")?;
+        let principal = authorize(&request, Role::Viewer, "read instances")?;
         let req = request.get_ref();
         let instance = match (req.id.is_empty(), req.name.is_empty()) {
             (false, true) => {
@@ -210,8 +215,7 @@ impl RegistryService for Registry {
         request: Request<ListInstancesRequest>,
     ) -> Result<Response<ListInstancesResponse>, Status> {
         check_size(&request)?;
-        let principal = principal(&request)?;
-        principal.require(Role::Viewer, "list instances")?;
+        let principal = authorize(&request, Role::Viewer, "list instances")?;
         let req = request.get_ref();
         let filter = (|| -> Result<ListFilter, Invalid> {
             let limit = match req.page_size {
@@ -256,8 +260,7 @@ impl RegistryService for Registry {
         request: Request<UpdateInstanceRequest>,
     ) -> Result<Response<UpdateInstanceResponse>, Status> {
         check_size(&request)?;
-        let principal = principal(&request)?;
-        principal.require(Role::Operator, "update instances")?;
+        let principal = authorize(&request, Role::Operator, "update instances")?;
         let req = request.get_ref();
         let id = parse_id(&req.id)?;
         tracing::Span::current().record("instance_id", tracing::field::display(id));
@@ -351,8 +354,7 @@ impl RegistryService for Registry {
         &self,
         request: Request<DeleteInstanceRequest>,
     ) -> Result<Response<DeleteInstanceResponse>, Status> {
-        let principal = principal(&request)?;
-        principal.require(Role::Operator, "delete instances")?;
+        let principal = authorize(&request, Role::Operator, "delete instances")?;
         let req = request.get_ref();
         let id = parse_id(&req.id)?;
         tracing::Span::current().record("instance_id", tracing::field::display(id));
@@ -375,8 +377,7 @@ impl RegistryService for Registry {
         &self,
         request: Request<CheckInstanceRequest>,
     ) -> Result<Response<CheckInstanceResponse>, Status> {
-        let principal = principal(&request)?;
-        principal.require(Role::Operator, "check instances")?;
+        let principal = authorize(&request, Role::Operator, "check instances")?;
         let id = parse_id(&request.get_ref().id)?;
         tracing::Span::current().record("instance_id", tracing::field::display(id));
         let (clear, instance) = self.store.connection(&principal.tenant, id).await?;
@@ -399,8 +400,7 @@ impl RegistryService for Registry {
         &self,
         request: Request<GetInstanceConnectionRequest>,
     ) -> Result<Response<GetInstanceConnectionResponse>, Status> {
-        let principal = principal(&request)?;
-        principal.require(Role::Service, "read clear connection URLs")?;
+        let principal = authorize(&request, Role::Service, "read clear connection URLs")?;
         let id = parse_id(&request.get_ref().id)?;
         tracing::Span::current().record("instance_id", tracing::field::display(id));
         let (clear, instance) = self.store.connection(&principal.tenant, id).await?;
