@@ -18,7 +18,9 @@ mod validate;
 use std::sync::Arc;
 
 use keel_bus::Outbox;
+use keel_proto::v1::registry_service_server::RegistryServiceServer;
 use sqlx::PgPool;
+use tower::Layer as _;
 
 pub use error::RegistryError;
 pub use service::{Registry, RegistryConfig};
@@ -52,6 +54,14 @@ impl Registry {
     pub fn new(pool: PgPool, keys: Arc<KeyRing>, config: RegistryConfig) -> Self {
         Self::from_store(InstanceStore::new(pool, keys, outbox()), config)
     }
+}
+
+/// The registry's gRPC service behind the API-key layer, ready for a server's routes.
+pub fn grpc_service(
+    registry: Registry,
+    keys: keel_auth::KeyStore,
+) -> keel_auth::AuthService<RegistryServiceServer<Registry>> {
+    keel_auth::AuthLayer::new(keys).layer(RegistryServiceServer::new(registry))
 }
 
 /// Re-encrypts every connection URL not under the ring's primary key, in batches,

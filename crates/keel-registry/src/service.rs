@@ -73,7 +73,11 @@ fn check_size<T: Message>(request: &Request<T>) -> Result<(), Status> {
 }
 
 /// The caller, if its role allows `action`; its tenant scopes everything that follows.
-fn authorize<'a, T>(request: &'a Request<T>, required: Role, action: &str) -> Result<&'a Principal, Status> {
+fn authorize<'a, T>(
+    request: &'a Request<T>,
+    required: Role,
+    action: &str,
+) -> Result<&'a Principal, Status> {
     let principal = principal(request)?;
     principal.require(required, action)?;
     tracing::Span::current().record("tenant", principal.tenant.as_str());

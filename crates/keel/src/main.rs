@@ -24,7 +24,10 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            match error.chain().find_map(|e| e.downcast_ref::<tonic::Status>()) {
+            match error
+                .chain()
+                .find_map(|e| e.downcast_ref::<tonic::Status>())
+            {
                 // The server's message already says what to fix; the code tells scripts what kind of failure.
                 Some(status) => eprintln!("error: {} ({:?})", status.message(), status.code()),
                 None => eprintln!("error: {error:#}"),

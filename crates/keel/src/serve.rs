@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use keel_auth::{AuthLayer, KeyStore, Role};
+use keel_auth::{KeyStore, Role};
 use keel_bus::{Bus, Relay, RelayConfig, StreamSettings};
 use keel_proto::v1::registry_service_server::{
     RegistryServiceServer, SERVICE_NAME as REGISTRY_SERVICE,
@@ -12,7 +12,6 @@ use keel_registry::{Registry, RegistryConfig};
 use keel_server::Server;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tower::Layer as _;
 
 use crate::cli::{ServeArgs, Target};
 use crate::commands::admin::key_ring;
