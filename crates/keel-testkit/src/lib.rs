@@ -164,12 +164,17 @@ async fn start_nats() -> anyhow::Result<Service> {
         let dir = process::scratch_dir("nats")?;
         let port = process::free_port()?.to_string();
         let store = dir.join("jetstream");
+        // A unique server name lets readiness tell our server from another test's that
+        // already holds the port (free_port only finds a port that was free a moment ago).
+        let name = format!("keel-test-{}", uuid::Uuid::now_v7().simple());
         let args: Vec<&OsStr> = vec![
             "-js".as_ref(),
             "-a".as_ref(),
             "127.0.0.1".as_ref(),
             "-p".as_ref(),
             port.as_ref(),
+            "-n".as_ref(),
+            name.as_ref(),
             "-sd".as_ref(),
             store.as_os_str(),
         ];
@@ -182,7 +187,7 @@ async fn start_nats() -> anyhow::Result<Service> {
             user: None,
         })?;
         let url = format!("nats://127.0.0.1:{port}");
-        wait_ready(&mut process, || jetstream_ready(&url)).await?;
+        wait_ready(&mut process, || jetstream_ready(&url, &name)).await?;
         Ok(Service {
             url,
             _process: process,
@@ -217,7 +222,7 @@ async fn start_redis() -> anyhow::Result<Service> {
             user: None,
         })?;
         let address = format!("127.0.0.1:{port}");
-        wait_ready(&mut process, || redis_ping(&address)).await?;
+        wait_ready(&mut process, || redis_ready(&address, &dir)).await?;
         Ok(Service {
             url: format!("redis://{address}"),
             _process: process,
@@ -274,8 +279,13 @@ where
 ///
 /// A raw request rather than `jetstream::Context::query_account`: async-nats 0.42 cannot parse
 /// the answer of nats-server 2.9 (Debian bookworm), which lacks the `reserved_*` fields.
-async fn jetstream_ready(url: &str) -> anyhow::Result<()> {
+async fn jetstream_ready(url: &str, name: &str) -> anyhow::Result<()> {
     let client = async_nats::connect(url).await?;
+    let answering = client.server_info().server_name;
+    anyhow::ensure!(
+        answering == name,
+        "port taken by another nats-server ({answering})"
+    );
     let reply = client.request("$JS.API.INFO", "".into()).await?;
     let body = String::from_utf8_lossy(&reply.payload);
     // Until JetStream is up the server answers with an `error` object (or has no responders).
@@ -286,12 +296,27 @@ async fn jetstream_ready(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends an inline `PING`; avoids depending on a Redis client for one command.
-async fn redis_ping(address: &str) -> anyhow::Result<()> {
+/// Asks the server for its directory with an inline command (no Redis client needed for
+/// one command): only our server has our scratch directory, so another test's server that
+/// already holds the port is not mistaken for ours.
+async fn redis_ready(address: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     let mut stream = tokio::net::TcpStream::connect(address).await?;
-    stream.write_all(b"PING\r\n").await?;
-    let mut reply = [0u8; 7];
-    stream.read_exact(&mut reply).await?;
-    anyhow::ensure!(&reply == b"+PONG\r\n", "unexpected PING reply {reply:?}");
+    stream.write_all(b"CONFIG GET dir\r\n").await?;
+    // Redis reports the directory it changed into, with symlinks resolved.
+    let expected = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let expected = expected.to_string_lossy();
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 512];
+    // The reply is `*2 $3 dir $<n> <path>`: read until the path has arrived.
+    while reply.iter().filter(|&&b| b == b'\n').count() < 5 {
+        let n = stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "connection closed before CONFIG GET answered");
+        reply.extend_from_slice(&chunk[..n]);
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    anyhow::ensure!(
+        reply.contains(expected.as_ref()),
+        "port taken by another redis-server: {reply:?}"
+    );
     Ok(())
 }
