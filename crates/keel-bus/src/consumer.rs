@@ -147,7 +147,7 @@ async fn process<H: EventHandler>(
     let event_id = message
         .headers
         .as_ref()
-        .and_then(|h| h.get(MSG_ID_HEADER))
+        .and_then(|h| h.get(MSG_ID_HEADER.clone()))
         .and_then(|v| Uuid::parse_str(v.as_str()).ok());
     let Some(event_id) = event_id else {
         tracing::warn!(subject = %message.subject, "event without a valid Nats-Msg-Id header; dropped");

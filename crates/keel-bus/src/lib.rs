@@ -26,8 +26,9 @@ pub use relay::{Relay, RelayConfig};
 pub const STREAM: &str = "KEEL";
 /// Subjects the stream captures.
 pub const SUBJECTS: &str = "keel.>";
-/// Header carrying the event id, used by JetStream to drop duplicates.
-pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// Header carrying the event id, used by JetStream to drop duplicates. The typed
+/// constant matters: a lookup by the string form does not find the standard header.
+pub const MSG_ID_HEADER: async_nats::header::HeaderName = async_nats::header::NATS_MESSAGE_ID;
 
 /// Why the bus could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -166,7 +166,7 @@ impl Relay {
         let mut pending = Vec::with_capacity(rows.len());
         for row in rows {
             let mut headers = HeaderMap::new();
-            headers.insert(MSG_ID_HEADER, row.id.to_string().as_str());
+            headers.insert(MSG_ID_HEADER.clone(), row.id.to_string().as_str());
             for (name, value) in row.headers.0.iter() {
                 headers.insert(name.as_str(), value.as_str());
             }
