@@ -59,6 +59,7 @@ pub struct TestApp {
     pub database_url: String,
     pub nats_url: String,
     pub keys: KeyStore,
+    pub bus: Bus,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     issued: Mutex<HashMap<(String, Role), String>>,
@@ -80,10 +81,15 @@ pub const K2: &str = "k2:HwAeAR0CHAMbBBoFGQYYBxcIFgkVChQLEwwSDREOEA8=";
 
 impl TestApp {
     pub async fn start() -> TestApp {
-        Self::start_with_keys(key_ring(K1)).await
+        let app = Self::start_without_relay().await;
+        app.spawn_relay();
+        app
     }
 
-    pub async fn start_with_keys(ring: Arc<KeyRing>) -> TestApp {
+    /// A registry whose outbox nobody publishes: the state after a relay died between
+    /// a commit and its publish.
+    pub async fn start_without_relay() -> TestApp {
+        let ring = key_ring(K1);
         let env = keel_testkit::TestEnv::new();
         let db = env.database().await.expect("test database");
         let pool = db.pool().await.expect("pool");
@@ -103,16 +109,6 @@ impl TestApp {
         .expect("bus");
 
         let stop = CancellationToken::new();
-        let relay = Relay::new(
-            pool.clone(),
-            keel_registry::outbox(),
-            bus.jetstream().clone(),
-            RelayConfig {
-                poll_interval: Duration::from_millis(200),
-                ..RelayConfig::default()
-            },
-        );
-        tokio::spawn(relay.run(stop.clone()));
 
         let grpc_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
         let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
@@ -150,11 +146,26 @@ impl TestApp {
             database_url: db.url.clone(),
             nats_url,
             keys,
+            bus,
             grpc,
             http,
             issued: Mutex::new(HashMap::new()),
             stop,
         }
+    }
+
+    /// Starts a relay for the registry's outbox, stopped with the app.
+    pub fn spawn_relay(&self) {
+        let relay = Relay::new(
+            self.pool.clone(),
+            keel_registry::outbox(),
+            self.bus.jetstream().clone(),
+            RelayConfig {
+                poll_interval: Duration::from_millis(200),
+                ..RelayConfig::default()
+            },
+        );
+        tokio::spawn(relay.run(self.stop.child_token()));
     }
 
     /// The clear key for (tenant, role), created on first use.

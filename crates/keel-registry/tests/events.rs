@@ -1,0 +1,179 @@
+//! Every registry change reaches NATS once, in order, with the caller's trace context.
+
+mod common;
+
+use common::*;
+use keel_auth::Role;
+use keel_proto::v1::*;
+use prost::Message;
+use prost_types::FieldMask;
+
+/// The trace context exists only where the service's tracing is set up, as `keel serve` does.
+fn install_tracing() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    keel_telemetry::install_propagator();
+    let subscriber = tracing_subscriber::registry().with(keel_telemetry::otel_layer());
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+#[tokio::test]
+async fn every_change_emits_one_event_in_order_with_the_callers_trace() {
+    install_tracing();
+    let app = TestApp::start().await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let key = app.key("acme", Role::Operator).await;
+    let mut client = app
+        .client_with(
+            Some(key),
+            Some(format!("00-{trace_id}-00f067aa0ba902b7-01")),
+        )
+        .await;
+
+    let url = "postgres://app:evt-pw-31337@db:5432/shop";
+    let created = create(&mut client, pg_instance("orders-db", url))
+        .await
+        .expect("create");
+    client
+        .update_instance(UpdateInstanceRequest {
+            id: created.id.clone(),
+            instance: Some(Instance {
+                labels: [("tier".to_owned(), "db".to_owned())].into(),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["labels".into()],
+            }),
+            expected_version: 1,
+        })
+        .await
+        .expect("update");
+    client
+        .delete_instance(DeleteInstanceRequest {
+            id: created.id.clone(),
+            expected_version: 2,
+        })
+        .await
+        .expect("delete");
+
+    let messages = app.events(3).await;
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "keel.registry.instance.created",
+            "keel.registry.instance.updated",
+            "keel.registry.instance.deleted"
+        ],
+        "each change exactly once, in order"
+    );
+    for message in &messages {
+        let headers = message.headers.as_ref().expect("headers");
+        let event = Event::decode(message.payload.as_ref()).expect("an Event envelope");
+        assert_eq!(
+            headers.get(keel_bus::MSG_ID_HEADER).map(|v| v.as_str()),
+            Some(event.id.as_str())
+        );
+        assert_eq!(
+            uuid::Uuid::parse_str(&event.id)
+                .expect("uuid")
+                .get_version_num(),
+            7
+        );
+        assert_eq!(event.r#type, message.subject.as_str());
+        assert_eq!(
+            (event.tenant.as_str(), event.instance_id.as_str()),
+            ("acme", created.id.as_str())
+        );
+        assert!(event.occurred_at.is_some());
+        let traceparent = headers
+            .get("traceparent")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        assert!(
+            traceparent.contains(trace_id),
+            "event not in the caller's trace: {traceparent:?}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&message.payload).contains("evt-pw-31337"),
+            "secret in an event"
+        );
+    }
+
+    let payloads: Vec<_> = messages
+        .iter()
+        .map(|m| Event::decode(m.payload.as_ref()).expect("event").payload)
+        .collect();
+    match &payloads[0] {
+        Some(event::Payload::InstanceCreated(p)) => {
+            assert_eq!(
+                p.instance.as_ref().map(|i| i.connection_url.as_str()),
+                Some("postgres://app:****@db:5432/shop")
+            )
+        }
+        other => panic!("expected InstanceCreated, got {other:?}"),
+    }
+    match &payloads[1] {
+        Some(event::Payload::InstanceUpdated(p)) => {
+            assert_eq!(p.changed_fields, ["labels"]);
+            assert_eq!(p.instance.as_ref().map(|i| i.version), Some(2));
+        }
+        other => panic!("expected InstanceUpdated, got {other:?}"),
+    }
+    match &payloads[2] {
+        Some(event::Payload::InstanceDeleted(p)) => {
+            assert_eq!((p.name.as_str(), p.version), ("orders-db", 2))
+        }
+        other => panic!("expected InstanceDeleted, got {other:?}"),
+    }
+    assert_eq!(
+        keel_registry::outbox()
+            .pending(&app.pool)
+            .await
+            .expect("pending"),
+        0,
+        "outbox drained"
+    );
+}
+
+#[tokio::test]
+async fn events_committed_while_no_relay_runs_arrive_once_when_relays_start() {
+    let app = TestApp::start_without_relay().await;
+    let mut client = app.client("acme", Role::Operator).await;
+    let created = create(
+        &mut client,
+        pg_instance("orders-db", "postgres://app@db/shop"),
+    )
+    .await
+    .expect("create");
+    assert_eq!(
+        keel_registry::outbox()
+            .pending(&app.pool)
+            .await
+            .expect("pending"),
+        1,
+        "committed, not published"
+    );
+    assert!(
+        app.events(0).await.is_empty(),
+        "nothing published without a relay"
+    );
+
+    // Two relays come up (a restart, plus a second replica): the event arrives once.
+    app.spawn_relay();
+    app.spawn_relay();
+    let messages = app.events(1).await;
+    assert_eq!(messages.len(), 1, "the create event arrived exactly once");
+    assert_eq!(
+        Event::decode(messages[0].payload.as_ref())
+            .expect("event")
+            .instance_id,
+        created.id
+    );
+    assert_eq!(
+        keel_registry::outbox()
+            .pending(&app.pool)
+            .await
+            .expect("pending"),
+        0
+    );
+}
