@@ -1,0 +1,358 @@
+//! `cargo xtask demo [--once]`: Keel on a laptop, from nothing to a registered, checked instance.
+//!
+//! setup → `cargo build -p keel` → PostgreSQL and NATS (see [`backing`]) → an admin API key →
+//! `keel serve --target all` in the background → wait for /readyz → register and check the local
+//! PostgreSQL → keep serving until Ctrl-C (or stop at once with `--once`).
+
+mod background;
+mod backing;
+mod net;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use self::background::{Background, Stop};
+use self::backing::env;
+use crate::{cmd, setup};
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Options {
+    /// Stop everything once the steps are done instead of serving until Ctrl-C.
+    once: bool,
+}
+
+impl Options {
+    pub(crate) fn parse(args: &[String]) -> Result<Self> {
+        let mut options = Self { once: false };
+        for arg in args {
+            match arg.as_str() {
+                "--once" => options.once = true,
+                other => bail!("unknown demo option {other:?} (expected --once)"),
+            }
+        }
+        Ok(options)
+    }
+}
+
+pub(crate) fn run(options: Options) -> Result<ExitCode> {
+    setup::run()?;
+    let demo_dir = cmd::target_dir().join("demo");
+    std::fs::create_dir_all(&demo_dir)
+        .with_context(|| format!("cannot create {}", demo_dir.display()))?;
+
+    // Build and check the ports first: a mistake there should not leave servers behind.
+    cmd::run(cmd::cargo().args(["build", "-p", "keel"]))?;
+    let bin = cmd::target_dir().join("debug").join("keel");
+    if !bin.is_file() {
+        bail!("`cargo build -p keel` left no binary at {}", bin.display());
+    }
+    let http = local_addr("KEEL_HTTP_LISTEN", "127.0.0.1:9090");
+    let grpc = local_addr("KEEL_GRPC_LISTEN", "127.0.0.1:50051");
+    for addr in [&http, &grpc] {
+        if net::answers(addr) {
+            bail!(
+                "something already listens on {addr} (another keel?): stop it, or set \
+                 KEEL_HTTP_LISTEN/KEEL_GRPC_LISTEN"
+            );
+        }
+    }
+
+    // Declared before the server so they are dropped (stopped) after it.
+    let postgres = backing::postgres(&demo_dir)?;
+    let nats = backing::nats(&demo_dir)?;
+    let mut env = vec![
+        ("KEEL_DATABASE_URL", postgres.url.clone()),
+        ("KEEL_NATS_URL", nats.url.clone()),
+        (
+            "KEEL_ENDPOINT",
+            env("KEEL_ENDPOINT").unwrap_or_else(|| format!("http://{grpc}")),
+        ),
+    ];
+    if let Some(keys) = encryption_keys(&demo_dir)? {
+        env.push(("KEEL_ENCRYPTION_KEYS", keys));
+    }
+    let keel = Keel { bin, env };
+
+    // Key names are unique per tenant, and the database may be reused from an earlier demo.
+    let key_name = format!("demo-{}", unix_seconds());
+    let created = cmd::output(&mut keel.command(&[
+        "admin",
+        "create-key",
+        "--tenant",
+        "demo",
+        "--role",
+        "admin",
+        "--name",
+        &key_name,
+        "--output",
+        "json",
+    ]))?;
+    let api_key = json_string_field(&created, "key").with_context(|| {
+        format!("no \"key\" field in the output of `keel admin create-key`: {created}")
+    })?;
+    cmd::step(format!(
+        "created API key {}… for tenant demo",
+        &api_key[..api_key.len().min(9)]
+    ));
+
+    let serve = keel.command(&["serve", "--target", "all"]);
+    let mut server = Background::spawn("keel", serve, &demo_dir.join("keel.log"), Stop::Term)?;
+    wait_ready(&mut server, &http)?;
+
+    let with_key = |args: &[&str]| {
+        let mut c = keel.command(args);
+        c.env("KEEL_API_KEY", &api_key);
+        c
+    };
+    add_instance(with_key(&[
+        "instance",
+        "add",
+        "local-pg",
+        "--engine",
+        "postgres",
+        "--url",
+        &postgres.url,
+        "--label",
+        "env=demo",
+    ]))?;
+    cmd::run(&mut with_key(&["instance", "check", "local-pg"]))?;
+    cmd::run(&mut with_key(&["instance", "ls"]))?;
+
+    let logs: Vec<&Path> = [
+        Some(&server),
+        postgres.server.as_ref(),
+        nats.server.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(Background::log)
+    .collect();
+    print_next_steps(&keel, &api_key, &http, &grpc, &logs);
+    if options.once {
+        cmd::step("--once: stopping keel and the servers this demo started");
+        return Ok(ExitCode::SUCCESS);
+    }
+    cmd::step("serving until Ctrl-C");
+    let status = server.wait()?;
+    if status.success() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(server.died(status))
+    }
+}
+
+/// The keel binary and the environment every invocation gets.
+#[derive(Debug)]
+struct Keel {
+    bin: PathBuf,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Keel {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .current_dir(cmd::root())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+}
+
+/// `keel instance add`, tolerating "already exists" from an earlier demo on the same database.
+fn add_instance(mut add: Command) -> Result<()> {
+    cmd::show(&add);
+    let out = add
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .output()
+        .context("cannot start keel")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    if out.status.success() {
+        return Ok(());
+    }
+    let lower = stderr.to_lowercase();
+    if lower.contains("already exists") || lower.contains("alreadyexists") {
+        eprintln!("demo: local-pg is already registered (from an earlier demo), going on");
+        return Ok(());
+    }
+    bail!("`{}` failed ({})", cmd::display(&add), out.status)
+}
+
+fn wait_ready(server: &mut Background, http: &str) -> Result<()> {
+    cmd::step(format!("waiting for http://{http}/readyz to answer 200"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        server.check_running()?;
+        let last = match net::http_get_status(http, "/readyz") {
+            Ok(200) => return Ok(()),
+            Ok(code) => format!("status {code}"),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "keel was not ready within 120 s (last: {last}); last lines of its log:\n{}",
+                server.tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Where to reach a listener configured by `var` (a wildcard address means this host).
+fn local_addr(var: &str, default: &str) -> String {
+    let addr = env(var).unwrap_or_else(|| default.to_owned());
+    addr.replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:")
+}
+
+/// `KEEL_ENCRYPTION_KEYS`, else the demo's own key, made once and kept in `<demo>/encryption-keys`
+/// so a database reused across demos stays readable. None when `KEEL_ENCRYPTION_KEYS_FILE` is set:
+/// keel reads that itself, and refuses both at once.
+fn encryption_keys(demo_dir: &Path) -> Result<Option<String>> {
+    if env("KEEL_ENCRYPTION_KEYS_FILE").is_some() {
+        cmd::step("encryption keys: keel reads KEEL_ENCRYPTION_KEYS_FILE");
+        return Ok(None);
+    }
+    if let Some(keys) = env("KEEL_ENCRYPTION_KEYS") {
+        return Ok(Some(keys));
+    }
+    let file = demo_dir.join("encryption-keys");
+    if let Ok(keys) = std::fs::read_to_string(&file)
+        && !keys.trim().is_empty()
+    {
+        cmd::step(format!("encryption key: reusing {}", file.display()));
+        return Ok(Some(keys.trim().to_owned()));
+    }
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    let keys = format!("demo1:{}", base64(&bytes));
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&file)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        writeln!(f, "{keys}")?;
+    }
+    cmd::step(format!(
+        "encryption key: generated demo1 in {}",
+        file.display()
+    ));
+    Ok(Some(keys))
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn print_next_steps(keel: &Keel, api_key: &str, http: &str, grpc: &str, logs: &[&Path]) {
+    let bin = keel.bin.display();
+    let env: String = keel
+        .env
+        .iter()
+        .filter(|(k, _)| *k != "KEEL_ENCRYPTION_KEYS")
+        .map(|(k, v)| format!("  export {k}='{v}'\n"))
+        .collect();
+    eprintln!(
+        "
+keel is serving: gRPC {grpc}, HTTP http://{http} (/healthz, /readyz, /metrics)
+logs: {logs}
+
+What to try next, in another shell:
+  export KEEL_API_KEY='{api_key}'
+{env}  alias keel={bin}
+  keel events tail                 # follow events as they happen
+  keel instance ls                 # the fleet
+  keel instance check local-pg     # probe it now
+  curl -s http://{http}/readyz
+",
+        logs = logs
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+}
+
+/// The string value of `"field"` in a flat JSON object (no escapes expected: keys and ids).
+fn json_string_field(json: &str, field: &str) -> Option<String> {
+    let needle = format!("\"{field}\"");
+    let mut rest = json;
+    while let Some(at) = rest.find(&needle) {
+        rest = &rest[at + needle.len()..];
+        if let Some(value) = rest.trim_start().strip_prefix(':') {
+            let value = value.trim_start().strip_prefix('"')?;
+            return Some(value[..value.find('"')?].to_owned());
+        }
+    }
+    None
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_base64() {
+        let check = |input: &str, expected: &str| assert_eq!(base64(input.as_bytes()), expected);
+        check("", "");
+        check("f", "Zg==");
+        check("fo", "Zm8=");
+        check("foo", "Zm9v");
+        check("foobar", "Zm9vYmFy");
+        assert_eq!(base64(&[0xff; 32]).len(), 44);
+    }
+
+    #[test]
+    fn finds_the_key_field() {
+        let check = |json: &str, expected: Option<&str>| {
+            assert_eq!(json_string_field(json, "key").as_deref(), expected)
+        };
+        check(r#"{"key":"keel_abc","id":"1"}"#, Some("keel_abc"));
+        check(
+            r#"{ "name": "key", "key_id": "k1", "key" : "keel_x" }"#,
+            Some("keel_x"),
+        );
+        check(r#"{"id":"1"}"#, None);
+    }
+
+    #[test]
+    fn parses_options() {
+        assert!(Options::parse(&["--once".to_owned()]).is_ok_and(|o| o.once));
+        assert!(Options::parse(&[]).is_ok_and(|o| !o.once));
+        assert!(Options::parse(&["--twice".to_owned()]).is_err());
+    }
+}
