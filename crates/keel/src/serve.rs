@@ -5,9 +5,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use keel_auth::{KeyStore, Role};
 use keel_bus::{Bus, Relay, RelayConfig, StreamSettings};
-use keel_proto::v1::registry_service_server::{
-    RegistryServiceServer, SERVICE_NAME as REGISTRY_SERVICE,
-};
+use keel_proto::v1::registry_service_server::SERVICE_NAME as REGISTRY_SERVICE;
 use keel_registry::{Registry, RegistryConfig};
 use keel_server::Server;
 use tokio_util::sync::CancellationToken;
@@ -94,8 +92,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             check_timeout: args.check_timeout,
         },
     );
-    let routes =
-        Routes::new(AuthLayer::new(keys.clone()).layer(RegistryServiceServer::new(registry)));
+    let routes = Routes::new(keel_registry::grpc_service(registry, keys.clone()));
     server.register_service(REGISTRY_SERVICE);
 
     let relay = Relay::new(
