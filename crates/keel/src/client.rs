@@ -33,9 +33,11 @@ pub(crate) type Registry = RegistryServiceClient<InterceptedService<Channel, Cre
 /// Connects to the registry named by `args`.
 pub(crate) async fn registry(args: &ClientArgs) -> anyhow::Result<Registry> {
     let Some(key) = &args.api_key else {
-        anyhow::bail!(
-            "no API key: set KEEL_API_KEY or pass --api-key (create one with `keel admin create-key`)"
-        );
+        // Reported like the server's own refusal, so scripts see the same exit code.
+        return Err(tonic::Status::unauthenticated(
+            "no API key: set KEEL_API_KEY or pass --api-key (create one with `keel admin create-key`)",
+        )
+        .into());
     };
     let mut authorization: AsciiMetadataValue =
         MetadataValue::try_from(format!("Bearer {}", key.expose_secret())).map_err(|_| {

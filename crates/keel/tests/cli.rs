@@ -1,0 +1,368 @@
+//! The real `keel` binary end to end: `keel serve` on real PostgreSQL and NATS, driven by the CLI,
+//! checking output, exit codes, events and graceful shutdown.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+const ENCRYPTION_KEYS: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+/// A well-formed key (`keel_` + 40 URL-safe characters), registered at start from a file.
+const BOOTSTRAP_KEY: &str = "keel_bootstrapbootstrapbootstrapbootstrap0000";
+
+struct Keel {
+    server: Child,
+    log: PathBuf,
+    env: Vec<(&'static str, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Keel {
+    async fn start(env: &keel_testkit::TestEnv) -> Keel {
+        let db = env.database().await.expect("database");
+        let nats = env.nats_url().await.expect("nats");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_file = dir.path().join("bootstrap-key");
+        std::fs::write(&key_file, format!("{BOOTSTRAP_KEY}\n")).expect("write key");
+        let (grpc, http) = (free_port(), free_port());
+        let env = vec![
+            ("KEEL_DATABASE_URL", db.url.clone()),
+            ("KEEL_NATS_URL", nats),
+            ("KEEL_ENCRYPTION_KEYS", ENCRYPTION_KEYS.to_owned()),
+            ("KEEL_GRPC_LISTEN", format!("127.0.0.1:{grpc}")),
+            ("KEEL_HTTP_LISTEN", format!("127.0.0.1:{http}")),
+            ("KEEL_ENDPOINT", format!("http://127.0.0.1:{grpc}")),
+            (
+                "KEEL_BOOTSTRAP_ADMIN_KEY_FILE",
+                key_file.display().to_string(),
+            ),
+            ("KEEL_BOOTSTRAP_TENANT", "acme".to_owned()),
+            ("KEEL_SHUTDOWN_GRACE", "2s".to_owned()),
+            // Loopback only; TLS has its own tests in keel-server.
+            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
+        ];
+        let log = dir.path().join("serve.log");
+        let server = Command::new(KEEL)
+            .arg("serve")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::create(dir.path().join("serve.err")).expect("log"))
+            .spawn()
+            .expect("spawn keel serve");
+        let keel = Keel {
+            server,
+            log,
+            env,
+            _dir: dir,
+        };
+        keel.wait_ready(http).await;
+        keel
+    }
+
+    async fn wait_ready(&self, http: u16) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if http_get(http, "/readyz")
+                .await
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keel serve not ready; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        let err = self.log.with_file_name("serve.err");
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            std::fs::read_to_string(err).unwrap_or_default()
+        )
+    }
+
+    /// Runs the CLI with the server's settings and, if given, an API key.
+    fn cli(&self, key: Option<&str>, args: &[&str]) -> Output {
+        let mut command = Command::new(KEEL);
+        command
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env_remove("KEEL_API_KEY");
+        if let Some(key) = key {
+            command.env("KEEL_API_KEY", key);
+        }
+        command.stdin(Stdio::null()).output().expect("run keel")
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: keel\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
+}
+
+#[track_caller]
+fn expect_exit(output: &Output, code: i32, stderr_needle: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains(stderr_needle),
+        "stderr {stderr:?} lacks {stderr_needle:?}"
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keel_binary_serves_and_the_cli_drives_it() {
+    let env = keel_testkit::TestEnv::new();
+    let mut keel = Keel::start(&env).await;
+    let db_url = keel.env[0].1.clone();
+
+    // The bootstrap admin key from the file works at once; create-key makes an operator key.
+    let created = expect_exit(
+        &keel.cli(
+            None,
+            &[
+                "admin",
+                "create-key",
+                "--tenant",
+                "acme",
+                "--role",
+                "operator",
+                "--name",
+                "cli",
+                "-o",
+                "json",
+            ],
+        ),
+        0,
+        "",
+    );
+    let created: serde_json::Value = serde_json::from_str(&created).expect("json");
+    let operator = created["key"].as_str().expect("key").to_owned();
+    assert!(operator.starts_with("keel_"));
+
+    let with_password = db_url.replacen("postgres@", "postgres:cli-secret-pw@", 1);
+    let out = expect_exit(
+        &keel.cli(
+            Some(&operator),
+            &[
+                "instance",
+                "add",
+                "db1",
+                "--engine",
+                "postgres",
+                "--url",
+                &with_password,
+                "-l",
+                "tier=db",
+            ],
+        ),
+        0,
+        "",
+    );
+    assert!(
+        out.contains("postgres:****@") && !out.contains("cli-secret-pw"),
+        "{out}"
+    );
+
+    let listed = expect_exit(
+        &keel.cli(
+            Some(BOOTSTRAP_KEY),
+            &["instance", "ls", "-s", "tier=db", "-o", "json"],
+        ),
+        0,
+        "",
+    );
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["name"], "db1");
+
+    let checked = expect_exit(
+        &keel.cli(Some(&operator), &["instance", "check", "db1", "-o", "json"]),
+        0,
+        "",
+    );
+    let checked: serde_json::Value = serde_json::from_str(&checked).expect("json");
+    assert_eq!(checked["health"]["reachable"], true, "{checked}");
+
+    let updated = expect_exit(
+        &keel.cli(
+            Some(&operator),
+            &[
+                "instance",
+                "update",
+                "db1",
+                "-l",
+                "owner=payments",
+                "-o",
+                "json",
+            ],
+        ),
+        0,
+        "",
+    );
+    let updated: serde_json::Value = serde_json::from_str(&updated).expect("json");
+    assert_eq!(
+        (
+            updated["version"].as_i64(),
+            updated["labels"]["owner"].as_str()
+        ),
+        (Some(2), Some("payments"))
+    );
+
+    // Exit codes scripts can rely on, with the server's message on stderr.
+    expect_exit(
+        &keel.cli(
+            Some(&operator),
+            &[
+                "instance", "add", "db1", "--engine", "postgres", "--url", &db_url,
+            ],
+        ),
+        5,
+        "already exists",
+    );
+    expect_exit(
+        &keel.cli(
+            Some(&operator),
+            &[
+                "instance", "add", "db2", "--engine", "redis", "--url", &db_url,
+            ],
+        ),
+        3,
+        "use redis:// or rediss://",
+    );
+    expect_exit(
+        &keel.cli(Some(&operator), &["instance", "get", "nope"]),
+        4,
+        "not found",
+    );
+    expect_exit(&keel.cli(None, &["instance", "ls"]), 6, "no API key");
+    expect_exit(
+        &keel.cli(
+            Some("keel_wrongwrongwrongwrongwrongwrongwrongwrong"),
+            &["instance", "ls"],
+        ),
+        6,
+        "invalid API key",
+    );
+    expect_exit(&keel.cli(Some(&operator), &["instance", "get"]), 2, "");
+
+    let events = expect_exit(
+        &keel.cli(
+            None,
+            &[
+                "events",
+                "tail",
+                "--from-start",
+                "--count",
+                "2",
+                "-o",
+                "json",
+            ],
+        ),
+        0,
+        "",
+    );
+    let subjects: Vec<String> = events
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).expect("json line")["subject"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            "keel.registry.instance.created",
+            "keel.registry.instance.updated"
+        ]
+    );
+
+    expect_exit(
+        &keel.cli(Some(&operator), &["instance", "rm", "db1"]),
+        0,
+        "",
+    );
+    expect_exit(
+        &keel.cli(Some(&operator), &["instance", "get", "db1"]),
+        4,
+        "not found",
+    );
+
+    // SIGTERM: a graceful stop with status 0.
+    let pid = keel.server.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = keel.server.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keel serve ignored SIGTERM; log:\n{}",
+            keel.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit {status}; log:\n{}", keel.logs());
+    assert!(keel.logs().contains("keel stopped"), "{}", keel.logs());
+}
+
+#[test]
+fn serve_refuses_bad_configuration_before_connecting() {
+    let output = Command::new(KEEL)
+        .args(["serve", "--database-url", "mysql://db/x"])
+        .env("KEEL_ENCRYPTION_KEYS", ENCRYPTION_KEYS)
+        .output()
+        .expect("run");
+    expect_exit(&output, 1, "use postgres://");
+    let output = Command::new(KEEL)
+        .arg("serve")
+        .env_remove("KEEL_ENCRYPTION_KEYS")
+        .env_remove("KEEL_ENCRYPTION_KEYS_FILE")
+        .output()
+        .expect("run");
+    expect_exit(&output, 1, "no encryption keys");
+}
