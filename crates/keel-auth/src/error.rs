@@ -49,6 +49,14 @@ pub enum AuthError {
     /// No key has this id.
     #[error("no API key with id {0}")]
     NotFound(Uuid),
+    /// [`KeyStore::change_role`](crate::KeyStore::change_role) was asked to change a
+    /// revoked key, which stays revoked for good.
+    #[error("API key {0} is revoked; create a new key instead")]
+    KeyRevoked(Uuid),
+    /// [`KeyStore::record`](crate::KeyStore::record) was given an action, subject or
+    /// details the audit log does not accept.
+    #[error("invalid audit record: {0}")]
+    InvalidAuditRecord(String),
     /// Creating the schema or running the migrations failed.
     #[error(transparent)]
     Migrate(#[from] keel_store::StoreError),
@@ -74,6 +82,9 @@ impl From<AuthError> for tonic::Status {
                 Status::already_exists(err.to_string())
             }
             AuthError::NotFound(_) => Status::not_found(err.to_string()),
+            AuthError::KeyRevoked(_) => Status::failed_precondition(err.to_string()),
+            // Actions and details come from Keel's code, not from the client.
+            AuthError::InvalidAuditRecord(_) => Status::internal("cannot write the audit log"),
             AuthError::Migrate(_) => Status::internal("auth store is not migrated"),
             AuthError::Database(_) => Status::unavailable("auth store unavailable"),
         }

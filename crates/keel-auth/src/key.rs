@@ -10,7 +10,8 @@ const PREFIX: &str = "keel_";
 const RANDOM_BYTES: usize = 30;
 /// 30 bytes encode to exactly 40 base64 characters, so there is no padding to strip.
 const RANDOM_CHARS: usize = RANDOM_BYTES * 4 / 3;
-const KEY_LEN: usize = PREFIX.len() + RANDOM_CHARS;
+/// Length of every Keel key.
+pub(crate) const KEY_LEN: usize = PREFIX.len() + RANDOM_CHARS;
 /// How much of a key is stored in clear to identify it in listings.
 pub(crate) const DISPLAY_PREFIX_LEN: usize = 12;
 

@@ -7,13 +7,19 @@
 //! Services wrap each generated server in [`AuthLayer`]; handlers then read the
 //! caller's [`Principal`] with [`principal`] and check it with
 //! [`Principal::require`]. Clients attach their key with [`bearer_interceptor`].
+//!
+//! Every change to a key is written to the audit log (table `auth.audit_log`) in
+//! the transaction that makes it, with the [`Actor`] who asked for it; see
+//! [`KeyStore::audit_log`].
 
+mod audit;
 mod error;
 mod key;
 mod layer;
 mod role;
 mod store;
 
+pub use audit::{Actor, AuditEntry, action};
 pub use error::AuthError;
 pub use layer::{AuthLayer, AuthService, bearer_interceptor, principal};
 pub use role::{ParseRoleError, Principal, Role, validate_tenant};

@@ -5,12 +5,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret as _, SecretString};
+use serde_json::json;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use uuid::Uuid;
 
+use crate::audit::{Record, action};
 use crate::key::{self, KeyHash};
-use crate::{AuthError, Principal, Role, validate_tenant};
+use crate::{Actor, AuditEntry, AuthError, Principal, Role, validate_tenant};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 const SCHEMA: &str = "auth";
@@ -86,7 +88,12 @@ pub struct KeyInfo {
 ///
 /// **Revocation takes effect within the cache TTL**: [`KeyStore::revoke`] drops the
 /// key from this process's cache at once, but other replicas keep accepting it
-/// until their cached entry is older than the TTL.
+/// until their cached entry is older than the TTL. The same holds for
+/// [`KeyStore::change_role`].
+///
+/// **Every change is audited atomically**: each method that changes a
+/// key writes one row to `auth.audit_log` in the transaction that changes the key,
+/// so a change is never without its record and a failed change leaves none.
 #[derive(Clone)]
 pub struct KeyStore {
     pool: PgPool,
@@ -121,8 +128,8 @@ impl KeyStore {
         }
     }
 
-    /// Generates a new random key and stores its hash.
-    pub async fn create_key(&self, new: NewKey) -> Result<CreatedKey, AuthError> {
+    /// Generates a new random key, stores its hash and records `key.created` for `actor`.
+    pub async fn create_key(&self, new: NewKey, actor: &Actor) -> Result<CreatedKey, AuthError> {
         validate_tenant(&new.tenant)?;
         validate_name(&new.name)?;
         if let Some(expires_at) = new.expires_at
@@ -134,6 +141,7 @@ impl KeyStore {
         let hash = key::hash(key.expose_secret());
         let prefix = key::display_prefix(key.expose_secret()).to_owned();
         let id = Uuid::now_v7();
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO auth.api_keys (id, tenant, role, name, key_hash, key_prefix, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -145,10 +153,25 @@ impl KeyStore {
         .bind(&hash[..])
         .bind(&prefix)
         .bind(new.expires_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| insert_error(e, &new.tenant, &new.name))?;
-        tracing::info!(key_id = %id, tenant = %new.tenant, role = %new.role, key_prefix = %prefix, "created API key");
+        Record {
+            actor,
+            action: action::KEY_CREATED,
+            tenant: Some(&new.tenant),
+            subject: &id.to_string(),
+            details: json!({
+                "name": new.name,
+                "role": new.role.as_str(),
+                "prefix": prefix,
+                "expires_at": new.expires_at,
+            }),
+        }
+        .insert(&mut tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(key_id = %id, tenant = %new.tenant, role = %new.role, key_prefix = %prefix, %actor, "created API key");
         Ok(CreatedKey {
             id,
             key,
@@ -165,12 +188,14 @@ impl KeyStore {
     /// Idempotent: registering the same key again returns the existing id, so every
     /// replica can call this at start. Fails if the key is already registered with
     /// another tenant or role, or was revoked; the name of an existing key is left as is.
+    /// Only the call that inserts the key records `bootstrap_key.registered` for `actor`.
     pub async fn ensure_key(
         &self,
         key: &SecretString,
         tenant: &str,
         role: Role,
         name: &str,
+        actor: &Actor,
     ) -> Result<Uuid, AuthError> {
         let key = key.expose_secret();
         if !key::is_well_formed(key) {
@@ -180,6 +205,7 @@ impl KeyStore {
         validate_name(name)?;
         let hash = key::hash(key);
         let prefix = key::display_prefix(key);
+        let mut tx = self.pool.begin().await?;
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO auth.api_keys (id, tenant, role, name, key_hash, key_prefix) \
              VALUES ($1, $2, $3, $4, $5, $6) \
@@ -191,13 +217,25 @@ impl KeyStore {
         .bind(name)
         .bind(&hash[..])
         .bind(prefix)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(|e| insert_error(e, tenant, name))?;
         if let Some(id) = inserted {
-            tracing::info!(key_id = %id, tenant, %role, key_prefix = prefix, "registered API key");
+            Record {
+                actor,
+                action: action::BOOTSTRAP_KEY_REGISTERED,
+                tenant: Some(tenant),
+                subject: &id.to_string(),
+                details: json!({ "name": name, "role": role.as_str(), "prefix": prefix }),
+            }
+            .insert(&mut tx)
+            .await?;
+            tx.commit().await?;
+            tracing::info!(key_id = %id, tenant, %role, key_prefix = prefix, %actor, "registered API key");
             return Ok(id);
         }
+        // Nothing was written; ending the transaction here keeps the read below simple.
+        tx.rollback().await?;
         // The key exists (ON CONFLICT waited for any concurrent insert to commit, so
         // this read sees it); it must be the same grant, not a different one.
         let row: KeyRow = sqlx::query_as(KeyRow::SELECT_BY_HASH)
@@ -252,21 +290,142 @@ impl KeyStore {
         Ok(principal)
     }
 
-    /// Revokes a key; revoking it again is a no-op. The key stops working here at
-    /// once and on other replicas within their cache TTL.
-    pub async fn revoke(&self, id: Uuid) -> Result<(), AuthError> {
-        let result = sqlx::query(
-            "UPDATE auth.api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1",
+    /// Revokes a key and records `key.revoked` for `actor`. The key stops working
+    /// here at once and on other replicas within their cache TTL.
+    ///
+    /// Revoking a revoked key is a no-op and records nothing, since nothing changed.
+    pub async fn revoke(&self, id: Uuid, actor: &Actor) -> Result<(), AuthError> {
+        let mut tx = self.pool.begin().await?;
+        // `revoked_at IS NULL` makes a concurrent second revocation wait for the row
+        // lock and then match nothing, so each key is recorded as revoked once.
+        let revoked: Option<(String, String, String)> = sqlx::query_as(
+            "UPDATE auth.api_keys SET revoked_at = now() \
+             WHERE id = $1 AND revoked_at IS NULL RETURNING tenant, role, name",
         )
         .bind(id)
-        .execute(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        self.cache.forget_key(id);
-        if result.rows_affected() == 0 {
-            return Err(AuthError::NotFound(id));
+        let Some((tenant, role, name)) = revoked else {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM auth.api_keys WHERE id = $1)")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            // Revoked elsewhere but maybe still cached here: this store stops accepting it too.
+            self.cache.forget_key(id);
+            return if exists {
+                Ok(())
+            } else {
+                Err(AuthError::NotFound(id))
+            };
+        };
+        Record {
+            actor,
+            action: action::KEY_REVOKED,
+            tenant: Some(&tenant),
+            subject: &id.to_string(),
+            details: json!({ "name": name, "role": role }),
         }
-        tracing::info!(key_id = %id, "revoked API key");
+        .insert(&mut tx)
+        .await?;
+        tx.commit().await?;
+        // After the commit: forgetting earlier would let a concurrent lookup cache the
+        // still-active key again.
+        self.cache.forget_key(id);
+        tracing::info!(key_id = %id, %tenant, %actor, "revoked API key");
         Ok(())
+    }
+
+    /// Gives a key another role and records `key.role_changed` for `actor`. Like a
+    /// revocation, the new role applies here at once and on other replicas within
+    /// their cache TTL.
+    ///
+    /// Revoked keys are refused ([`AuthError::KeyRevoked`]); asking for the role the
+    /// key already has changes and records nothing.
+    pub async fn change_role(
+        &self,
+        id: Uuid,
+        role: Role,
+        actor: &Actor,
+    ) -> Result<KeyInfo, AuthError> {
+        let mut tx = self.pool.begin().await?;
+        // FOR UPDATE: a concurrent change or revocation waits, so old_role is exact.
+        let row: Option<InfoRow> = sqlx::query_as(
+            "SELECT id, tenant, role, name, key_prefix, created_at, expires_at, revoked_at \
+             FROM auth.api_keys WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let info = row.ok_or(AuthError::NotFound(id))?.into_info()?;
+        if info.revoked_at.is_some() {
+            return Err(AuthError::KeyRevoked(id));
+        }
+        if info.role == role {
+            return Ok(info);
+        }
+        sqlx::query("UPDATE auth.api_keys SET role = $2 WHERE id = $1")
+            .bind(id)
+            .bind(role.as_str())
+            .execute(&mut *tx)
+            .await?;
+        Record {
+            actor,
+            action: action::KEY_ROLE_CHANGED,
+            tenant: Some(&info.tenant),
+            subject: &id.to_string(),
+            details: json!({
+                "name": info.name,
+                "old_role": info.role.as_str(),
+                "new_role": role.as_str(),
+            }),
+        }
+        .insert(&mut tx)
+        .await?;
+        tx.commit().await?;
+        self.cache.forget_key(id);
+        tracing::info!(key_id = %id, tenant = %info.tenant, old_role = %info.role, new_role = %role, %actor, "changed API key role");
+        Ok(KeyInfo { role, ..info })
+    }
+
+    /// Records an action Keel performed outside this store, such as re-encrypting
+    /// credentials under a new key (`encryption_key.rotated`).
+    ///
+    /// `action` must be dotted lowercase words (see [`action`](crate::action) for
+    /// Keel's own), `subject` the id of what was acted on, and `details` a JSON
+    /// object. Details must never carry a secret: one holding an API key is refused.
+    pub async fn record(
+        &self,
+        actor: &Actor,
+        action: &str,
+        tenant: Option<&str>,
+        subject: &str,
+        details: serde_json::Value,
+    ) -> Result<(), AuthError> {
+        let mut conn = self.pool.acquire().await?;
+        Record {
+            actor,
+            action,
+            tenant,
+            subject,
+            details,
+        }
+        .insert(&mut conn)
+        .await
+    }
+
+    /// The newest `limit` entries of the audit log, newest first (none for a limit
+    /// below 1).
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>, AuthError> {
+        let entries = sqlx::query_as(
+            "SELECT id, at, actor, action, tenant, subject, details FROM auth.audit_log \
+             ORDER BY at DESC, id DESC LIMIT $1",
+        )
+        // PostgreSQL rejects a negative LIMIT.
+        .bind(limit.max(0))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(entries)
     }
 
     /// Lists keys, of one tenant or of all, revoked and expired ones included.
@@ -282,20 +441,7 @@ impl KeyStore {
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(KeyInfo {
-                    id: r.id,
-                    role: parse_role(&r.role)?,
-                    tenant: r.tenant,
-                    name: r.name,
-                    prefix: r.key_prefix,
-                    created_at: r.created_at,
-                    expires_at: r.expires_at,
-                    revoked_at: r.revoked_at,
-                })
-            })
-            .collect()
+        rows.into_iter().map(InfoRow::into_info).collect()
     }
 }
 
@@ -326,6 +472,21 @@ struct InfoRow {
     created_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
+}
+
+impl InfoRow {
+    fn into_info(self) -> Result<KeyInfo, AuthError> {
+        Ok(KeyInfo {
+            id: self.id,
+            role: parse_role(&self.role)?,
+            tenant: self.tenant,
+            name: self.name,
+            prefix: self.key_prefix,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+        })
+    }
 }
 
 fn validate_name(name: &str) -> Result<(), AuthError> {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use keel_auth::{AuthError, KeyStore, NewKey, Role};
+use keel_auth::{Actor, AuthError, KeyStore, NewKey, Role};
 use secrecy::{ExposeSecret as _, SecretString};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
@@ -17,6 +17,11 @@ async fn store(cache_ttl: Duration) -> (KeyStore, PgPool) {
     let pool = db.pool().await.expect("pool");
     KeyStore::migrate(&pool).await.expect("migrate");
     (KeyStore::new(pool.clone(), cache_ttl), pool)
+}
+
+/// Who the tests act as; the audit log itself is tested in `audit.rs`.
+fn actor() -> Actor {
+    Actor::system("test")
 }
 
 fn new_key(tenant: &str, role: Role, name: &str) -> NewKey {
@@ -32,7 +37,7 @@ fn new_key(tenant: &str, role: Role, name: &str) -> NewKey {
 async fn created_keys_authenticate_until_revoked() {
     let (store, _pool) = store(Duration::ZERO).await;
     let created = store
-        .create_key(new_key("acme", Role::Operator, "ci"))
+        .create_key(new_key("acme", Role::Operator, "ci"), &actor())
         .await
         .expect("create");
     let key = created.key.expose_secret();
@@ -51,9 +56,9 @@ async fn created_keys_authenticate_until_revoked() {
         (created.id, "acme", Role::Operator)
     );
 
-    store.revoke(created.id).await.expect("revoke");
+    store.revoke(created.id, &actor()).await.expect("revoke");
     store
-        .revoke(created.id)
+        .revoke(created.id, &actor())
         .await
         .expect("revoking twice is a no-op");
     assert!(matches!(
@@ -67,7 +72,9 @@ async fn created_keys_authenticate_until_revoked() {
         Err(AuthError::UnknownKey)
     ));
     let missing = uuid::Uuid::now_v7();
-    assert!(matches!(store.revoke(missing).await, Err(AuthError::NotFound(id)) if id == missing));
+    assert!(
+        matches!(store.revoke(missing, &actor()).await, Err(AuthError::NotFound(id)) if id == missing)
+    );
 }
 
 #[tokio::test]
@@ -75,16 +82,19 @@ async fn expired_keys_are_refused() {
     let (store, pool) = store(Duration::from_secs(60)).await;
     let past = Utc::now() - chrono::Duration::seconds(1);
     let err = store
-        .create_key(NewKey {
-            expires_at: Some(past),
-            ..new_key("acme", Role::Viewer, "old")
-        })
+        .create_key(
+            NewKey {
+                expires_at: Some(past),
+                ..new_key("acme", Role::Viewer, "old")
+            },
+            &actor(),
+        )
         .await;
     assert!(matches!(err, Err(AuthError::ExpiryInPast(_))), "{err:?}");
 
     // Expired in the database, as another replica's clock would see it.
     let created = store
-        .create_key(new_key("acme", Role::Viewer, "dash"))
+        .create_key(new_key("acme", Role::Viewer, "dash"), &actor())
         .await
         .expect("create");
     sqlx::query("UPDATE auth.api_keys SET expires_at = now() - interval '1 second' WHERE id = $1")
@@ -100,10 +110,13 @@ async fn expired_keys_are_refused() {
     // Expiring while cached: the cache never outlives the key, whatever its TTL.
     let soon = Utc::now() + chrono::Duration::milliseconds(1500);
     let created = store
-        .create_key(NewKey {
-            expires_at: Some(soon),
-            ..new_key("acme", Role::Viewer, "brief")
-        })
+        .create_key(
+            NewKey {
+                expires_at: Some(soon),
+                ..new_key("acme", Role::Viewer, "brief")
+            },
+            &actor(),
+        )
         .await;
     let created = created.expect("create");
     store
@@ -121,7 +134,7 @@ async fn expired_keys_are_refused() {
 async fn the_database_holds_only_the_hash() {
     let (store, pool) = store(Duration::ZERO).await;
     let created = store
-        .create_key(new_key("acme", Role::Admin, "root"))
+        .create_key(new_key("acme", Role::Admin, "root"), &actor())
         .await
         .expect("create");
     let key = created.key.expose_secret();
@@ -190,7 +203,7 @@ async fn malformed_keys_are_refused_without_a_query() {
 async fn cached_keys_survive_a_revocation_elsewhere_until_the_ttl() {
     let (store, pool) = store(Duration::from_secs(60)).await;
     let created = store
-        .create_key(new_key("acme", Role::Viewer, "dash"))
+        .create_key(new_key("acme", Role::Viewer, "dash"), &actor())
         .await
         .expect("create");
     let key = created.key.expose_secret();
@@ -210,7 +223,7 @@ async fn cached_keys_survive_a_revocation_elsewhere_until_the_ttl() {
         .expect("cached within the TTL");
 
     // Revoked through this store: dropped from its cache at once.
-    store.revoke(created.id).await.expect("revoke");
+    store.revoke(created.id, &actor()).await.expect("revoke");
     assert!(matches!(
         store.authenticate(key).await,
         Err(AuthError::Revoked)
@@ -221,11 +234,11 @@ async fn cached_keys_survive_a_revocation_elsewhere_until_the_ttl() {
 async fn names_are_unique_among_a_tenants_active_keys() {
     let (store, _pool) = store(Duration::ZERO).await;
     let first = store
-        .create_key(new_key("acme", Role::Viewer, "ci"))
+        .create_key(new_key("acme", Role::Viewer, "ci"), &actor())
         .await
         .expect("create");
     let err = store
-        .create_key(new_key("acme", Role::Admin, "ci"))
+        .create_key(new_key("acme", Role::Admin, "ci"), &actor())
         .await
         .expect_err("same name");
     assert_eq!(
@@ -233,17 +246,17 @@ async fn names_are_unique_among_a_tenants_active_keys() {
         "tenant \"acme\" already has an active API key named \"ci\""
     );
     store
-        .create_key(new_key("globex", Role::Viewer, "ci"))
+        .create_key(new_key("globex", Role::Viewer, "ci"), &actor())
         .await
         .expect("other tenant");
-    store.revoke(first.id).await.expect("revoke");
+    store.revoke(first.id, &actor()).await.expect("revoke");
     store
-        .create_key(new_key("acme", Role::Viewer, "ci"))
+        .create_key(new_key("acme", Role::Viewer, "ci"), &actor())
         .await
         .expect("name free again");
 
     let err = store
-        .create_key(new_key("Acme", Role::Viewer, "x"))
+        .create_key(new_key("Acme", Role::Viewer, "x"), &actor())
         .await
         .expect_err("bad tenant");
     assert!(matches!(err, AuthError::InvalidTenant(_)), "{err}");
@@ -271,7 +284,7 @@ async fn ensure_key_is_idempotent_and_refuses_a_different_grant() {
     assert_eq!((principal.key_id, principal.role), (ids[0], Role::Admin));
 
     let err = store
-        .ensure_key(&key, "system", Role::Viewer, "bootstrap")
+        .ensure_key(&key, "system", Role::Viewer, "bootstrap", &actor())
         .await
         .expect_err("other role");
     assert_eq!(
@@ -279,21 +292,27 @@ async fn ensure_key_is_idempotent_and_refuses_a_different_grant() {
         "API key is already registered for tenant \"system\" with role admin"
     );
     let err = store
-        .ensure_key(&key, "acme", Role::Admin, "bootstrap")
+        .ensure_key(&key, "acme", Role::Admin, "bootstrap", &actor())
         .await
         .expect_err("other tenant");
     assert!(matches!(err, AuthError::KeyConflict { .. }), "{err}");
 
     let err = store
-        .ensure_key(&SecretString::from("hunter2"), "system", Role::Admin, "x")
+        .ensure_key(
+            &SecretString::from("hunter2"),
+            "system",
+            Role::Admin,
+            "x",
+            &actor(),
+        )
         .await
         .expect_err("format");
     assert!(matches!(err, AuthError::MalformedKey), "{err}");
     assert!(!err.to_string().contains("hunter2"));
 
-    store.revoke(ids[0]).await.expect("revoke");
+    store.revoke(ids[0], &actor()).await.expect("revoke");
     let err = store
-        .ensure_key(&key, "system", Role::Admin, "bootstrap")
+        .ensure_key(&key, "system", Role::Admin, "bootstrap", &actor())
         .await
         .expect_err("revoked");
     assert!(matches!(err, AuthError::Revoked), "{err}");
@@ -305,7 +324,7 @@ async fn register_concurrently(store: &KeyStore, key: &SecretString) -> Vec<uuid
             let (store, key) = (store.clone(), key.clone());
             tokio::spawn(async move {
                 store
-                    .ensure_key(&key, "system", Role::Admin, "bootstrap")
+                    .ensure_key(&key, "system", Role::Admin, "bootstrap", &actor())
                     .await
             })
         })

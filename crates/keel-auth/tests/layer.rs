@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
-use keel_auth::{AuthLayer, KeyStore, NewKey, Role, bearer_interceptor};
+use keel_auth::{Actor, AuthLayer, KeyStore, NewKey, Role, bearer_interceptor};
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -61,6 +61,10 @@ async fn store(cache_ttl: Duration) -> KeyStore {
     KeyStore::new(pool, cache_ttl)
 }
 
+fn actor() -> Actor {
+    Actor::system("test")
+}
+
 async fn key(store: &KeyStore, role: Role, name: &str) -> (uuid::Uuid, SecretString) {
     let new = NewKey {
         tenant: "acme".into(),
@@ -68,7 +72,7 @@ async fn key(store: &KeyStore, role: Role, name: &str) -> (uuid::Uuid, SecretStr
         name: name.into(),
         expires_at: None,
     };
-    let created = store.create_key(new).await.expect("create key");
+    let created = store.create_key(new, &actor()).await.expect("create key");
     (created.id, created.key)
 }
 
@@ -139,7 +143,7 @@ async fn only_valid_keys_reach_the_service() {
         .expect("check with interceptor");
     assert_eq!(response.into_inner().status(), ServingStatus::Serving);
 
-    store.revoke(id).await.expect("revoke");
+    store.revoke(id, &actor()).await.expect("revoke");
     let revoked = check_with(&channel, &[("authorization", bearer)]).await;
     assert_eq!(
         revoked,

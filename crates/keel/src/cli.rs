@@ -18,7 +18,7 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run Keel's services.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Register, inspect and check database instances.
     #[command(subcommand)]
     Instance(InstanceCommand),
@@ -278,19 +278,48 @@ pub(crate) enum AdminCommand {
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Revoke an API key by id.
+    /// Revoke an API key by id; servers refuse it within their auth cache TTL.
     RevokeKey {
         /// Key id, as listed by list-keys.
         id: uuid::Uuid,
         #[command(flatten)]
         database: DatabaseConfig,
     },
+    /// Give an API key another role; servers apply it within their auth cache TTL.
+    SetRole {
+        /// Key id, as listed by list-keys.
+        id: uuid::Uuid,
+        /// New role: viewer, operator, admin or service.
+        #[arg(long)]
+        role: keel_auth::Role,
+        #[command(flatten)]
+        database: DatabaseConfig,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show who created, revoked or changed keys and rotated encryption keys, newest first.
+    Audit {
+        /// Most entries to show.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
+        limit: i64,
+        #[command(flatten)]
+        database: DatabaseConfig,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Re-encrypt every stored credential under the key ring's first key.
+    ///
+    /// The key ring comes from a file or from KEEL_ENCRYPTION_KEYS; unlike `serve`
+    /// there is no `--encryption-keys` flag, because flags show in `ps`.
     RotateKey {
         #[command(flatten)]
         database: DatabaseConfig,
-        #[command(flatten)]
-        encryption: EncryptionArgs,
+        /// File holding the key ring, one `id:base64key` per line, the new key first
+        /// (e.g. a mounted Kubernetes Secret).
+        #[arg(long = "encryption-keys-file", env = "KEEL_ENCRYPTION_KEYS_FILE")]
+        encryption_keys_file: Option<PathBuf>,
         /// Rows re-encrypted per batch.
         #[arg(long, default_value_t = 500)]
         batch: i64,

@@ -16,7 +16,7 @@ use crate::cli::{Cli, Command};
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args).await,
+        Command::Serve(args) => serve::run(*args).await,
         Command::Instance(command) => commands::instance::run(command).await,
         Command::Events(command) => commands::events::run(command).await,
         Command::Admin(command) => commands::admin::run(command).await,

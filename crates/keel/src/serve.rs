@@ -54,9 +54,15 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("migrating the registry schema")?;
     let keys = KeyStore::new(pool.clone(), args.auth_cache_ttl);
     if let Some(key) = &bootstrap_key {
-        keys.ensure_key(key, &args.bootstrap_tenant, Role::Admin, "bootstrap-admin")
-            .await
-            .context("registering the bootstrap admin key")?;
+        keys.ensure_key(
+            key,
+            &args.bootstrap_tenant,
+            Role::Admin,
+            "bootstrap-admin",
+            &keel_auth::Actor::system("keel-serve"),
+        )
+        .await
+        .context("registering the bootstrap admin key")?;
         tracing::info!(tenant = %args.bootstrap_tenant, "bootstrap admin key registered");
     }
     let bus = Bus::connect(&args.nats, &StreamSettings::default()).await?;

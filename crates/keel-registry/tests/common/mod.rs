@@ -180,12 +180,15 @@ impl TestApp {
         }
         let created = self
             .keys
-            .create_key(NewKey {
-                tenant: tenant.to_owned(),
-                role,
-                name: format!("{role}-key"),
-                expires_at: None,
-            })
+            .create_key(
+                NewKey {
+                    tenant: tenant.to_owned(),
+                    role,
+                    name: format!("{role}-key"),
+                    expires_at: None,
+                },
+                &keel_auth::Actor::system("test"),
+            )
             .await
             .expect("create key");
         let key = created.key.expose_secret().to_owned();

@@ -1,16 +1,26 @@
 //! `keel admin …`: API keys and encryption keys, straight against the state store,
 //! so the first admin key can exist before any server does.
+//!
+//! Every change is recorded in the audit log with the OS user and host running the
+//! command as its actor.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use keel_auth::{Actor, KeyInfo, KeyStore};
 use keel_config::DatabaseConfig;
 use keel_registry::crypto::KeyRing;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 
 use crate::cli::{AdminCommand, EncryptionArgs, Output};
 use crate::output;
+
+/// The key ring itself, for `rotate-key`, which takes it only from the environment
+/// or a file: never from a flag, which would show in `ps`.
+const ENCRYPTION_KEYS_ENV: &str = "KEEL_ENCRYPTION_KEYS";
 
 pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
     match command {
@@ -22,20 +32,21 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             database,
             output,
         } => {
-            let pool = connect(&database).await?;
-            keel_auth::KeyStore::migrate(&pool).await?;
-            let store = keel_auth::KeyStore::new(pool, keel_auth::DEFAULT_CACHE_TTL);
+            let store = key_store(&database).await?;
             let expires_at = expires_in
                 .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() + d))
                 .transpose()
                 .context("--expires-in is too long")?;
             let created = store
-                .create_key(keel_auth::NewKey {
-                    tenant,
-                    role,
-                    name,
-                    expires_at,
-                })
+                .create_key(
+                    keel_auth::NewKey {
+                        tenant,
+                        role,
+                        name,
+                        expires_at,
+                    },
+                    &Actor::cli(),
+                )
                 .await?;
             match output {
                 Output::Json => println!(
@@ -60,26 +71,14 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             database,
             output,
         } => {
-            let pool = connect(&database).await?;
-            keel_auth::KeyStore::migrate(&pool).await?;
-            let store = keel_auth::KeyStore::new(pool, keel_auth::DEFAULT_CACHE_TTL);
+            let store = key_store(&database).await?;
             let keys = store.list(tenant.as_deref()).await?;
             let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
                 t.map(|t| t.to_rfc3339()).unwrap_or_default()
             };
             match output {
                 Output::Json => {
-                    let keys: Vec<_> = keys
-                        .iter()
-                        .map(|k| {
-                            serde_json::json!({
-                                "id": k.id, "tenant": k.tenant, "role": k.role.as_str(), "name": k.name,
-                                "prefix": k.prefix, "created_at": k.created_at.to_rfc3339(),
-                                "expires_at": k.expires_at.map(|t| t.to_rfc3339()),
-                                "revoked_at": k.revoked_at.map(|t| t.to_rfc3339()),
-                            })
-                        })
-                        .collect();
+                    let keys: Vec<_> = keys.iter().map(key_json).collect();
                     println!("{}", serde_json::Value::Array(keys));
                 }
                 Output::Table => {
@@ -103,24 +102,77 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             }
         }
         AdminCommand::RevokeKey { id, database } => {
-            let pool = connect(&database).await?;
-            let store = keel_auth::KeyStore::new(pool, keel_auth::DEFAULT_CACHE_TTL);
-            store.revoke(id).await?;
+            let store = key_store(&database).await?;
+            store.revoke(id, &Actor::cli()).await?;
             println!("revoked key {id}");
+        }
+        AdminCommand::SetRole {
+            id,
+            role,
+            database,
+            output,
+        } => {
+            let store = key_store(&database).await?;
+            let key = store.change_role(id, role, &Actor::cli()).await?;
+            match output {
+                Output::Json => println!("{}", key_json(&key)),
+                Output::Table => println!(
+                    "key {id} ({:?} of tenant {}) now has role {role}; servers apply it within their auth cache TTL",
+                    key.name, key.tenant
+                ),
+            }
+        }
+        AdminCommand::Audit {
+            limit,
+            database,
+            output,
+        } => {
+            let store = key_store(&database).await?;
+            let entries = store.audit_log(limit).await?;
+            match output {
+                Output::Json => {
+                    let entries: Vec<_> = entries
+                        .iter()
+                        .map(|e| {
+                            serde_json::json!({
+                                "id": e.id, "at": e.at.to_rfc3339(), "actor": e.actor,
+                                "action": e.action, "tenant": e.tenant, "subject": e.subject,
+                                "details": e.details,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(entries));
+                }
+                Output::Table => {
+                    let mut table =
+                        output::table(&["AT", "ACTOR", "ACTION", "TENANT", "SUBJECT", "DETAILS"]);
+                    for e in &entries {
+                        table.add_row(vec![
+                            e.at.to_rfc3339(),
+                            e.actor.clone(),
+                            e.action.clone(),
+                            e.tenant.clone().unwrap_or_default(),
+                            e.subject.clone(),
+                            e.details.to_string(),
+                        ]);
+                    }
+                    println!("{table}");
+                }
+            }
         }
         AdminCommand::RotateKey {
             database,
-            encryption,
+            encryption_keys_file,
             batch,
         } => {
             anyhow::ensure!(batch > 0, "--batch must be at least 1");
-            let keys = Arc::new(key_ring(&encryption)?);
+            let keys = Arc::new(rotation_key_ring(encryption_keys_file)?);
+            let primary = keys.primary_id().to_owned();
             let pool = connect(&database).await?;
+            KeyStore::migrate(&pool).await?;
             keel_registry::migrate(&pool).await?;
-            eprintln!(
-                "re-encrypting credentials under key {:?}",
-                keys.primary_id()
-            );
+            let store = KeyStore::new(pool.clone(), Duration::ZERO);
+            eprintln!("re-encrypting credentials under key {primary:?}");
             let total = keel_registry::rotate_keys(pool, keys, batch, |step| {
                 eprintln!(
                     "  {} re-encrypted, {} remaining",
@@ -128,6 +180,18 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
                 );
             })
             .await?;
+            store
+                .record(
+                    &Actor::cli(),
+                    keel_auth::action::ENCRYPTION_KEY_ROTATED,
+                    None,
+                    &primary,
+                    serde_json::json!({ "rows_reencrypted": total }),
+                )
+                .await
+                .context(
+                    "credentials were re-encrypted, but recording it in the audit log failed",
+                )?;
             println!(
                 "rotation complete: {total} credentials re-encrypted; keys other than the first may now be removed"
             );
@@ -141,6 +205,45 @@ async fn connect(database: &DatabaseConfig) -> anyhow::Result<PgPool> {
     keel_store::connect(database)
         .await
         .context("cannot open the state store")
+}
+
+/// A key store on a migrated `auth` schema, so commands also work on a state store
+/// no server has started on yet.
+async fn key_store(database: &DatabaseConfig) -> anyhow::Result<KeyStore> {
+    let pool = connect(database).await?;
+    KeyStore::migrate(&pool).await?;
+    // A one-shot command authenticates nothing, so there is nothing to cache.
+    Ok(KeyStore::new(pool, Duration::ZERO))
+}
+
+fn key_json(k: &KeyInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id, "tenant": k.tenant, "role": k.role.as_str(), "name": k.name,
+        "prefix": k.prefix, "created_at": k.created_at.to_rfc3339(),
+        "expires_at": k.expires_at.map(|t| t.to_rfc3339()),
+        "revoked_at": k.revoked_at.map(|t| t.to_rfc3339()),
+    })
+}
+
+/// The key ring for `rotate-key`: from `KEEL_ENCRYPTION_KEYS` or the file, like
+/// [`key_ring`] but with no flag for the ring itself.
+fn rotation_key_ring(encryption_keys_file: Option<PathBuf>) -> anyhow::Result<KeyRing> {
+    let keys = match std::env::var(ENCRYPTION_KEYS_ENV) {
+        Ok(keys) if keys.is_empty() => None,
+        Ok(keys) => Some(SecretString::from(keys)),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("{ENCRYPTION_KEYS_ENV} is not valid UTF-8")
+        }
+    };
+    anyhow::ensure!(
+        keys.is_none() || encryption_keys_file.is_none(),
+        "set either {ENCRYPTION_KEYS_ENV} or --encryption-keys-file / KEEL_ENCRYPTION_KEYS_FILE, not both"
+    );
+    key_ring(&EncryptionArgs {
+        keys,
+        encryption_keys_file,
+    })
 }
 
 /// The key ring from the flag, environment or file.
@@ -157,4 +260,109 @@ pub(crate) fn key_ring(args: &EncryptionArgs) -> anyhow::Result<KeyRing> {
         ),
     };
     Ok(KeyRing::parse(&spec)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+    use keel_auth::{AuthError, NewKey, Role};
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// A migrated key store on a fresh database, and the flags that reach it.
+    async fn setup() -> (KeyStore, DatabaseConfig) {
+        let env = keel_testkit::TestEnv::new();
+        let db = env.database().await.expect("test database");
+        let pool = db.pool().await.expect("pool");
+        KeyStore::migrate(&pool).await.expect("migrate");
+        // TTL 0, as a server's cache past its TTL: every call looks the key up.
+        (
+            KeyStore::new(pool, Duration::ZERO),
+            DatabaseConfig::from_url(db.url),
+        )
+    }
+
+    async fn create(store: &KeyStore, role: Role) -> (uuid::Uuid, SecretString) {
+        let new = NewKey {
+            tenant: "acme".into(),
+            role,
+            name: "ci".into(),
+            expires_at: None,
+        };
+        let created = store
+            .create_key(new, &Actor::system("test"))
+            .await
+            .expect("create");
+        (created.id, created.key)
+    }
+
+    #[tokio::test]
+    async fn a_key_revoked_with_the_cli_fails_on_its_next_call() {
+        let (store, database) = setup().await;
+        let (id, key) = create(&store, Role::Operator).await;
+        store
+            .authenticate(key.expose_secret())
+            .await
+            .expect("valid before");
+
+        run(AdminCommand::RevokeKey { id, database })
+            .await
+            .expect("revoke-key");
+        let result = store.authenticate(key.expose_secret()).await;
+        assert!(matches!(result, Err(AuthError::Revoked)), "{result:?}");
+
+        let entry = &store.audit_log(1).await.expect("audit log")[0];
+        assert_eq!(
+            (entry.actor.as_str(), entry.action.as_str()),
+            (Actor::cli().as_str(), keel_auth::action::KEY_REVOKED)
+        );
+        assert_eq!(entry.subject, id.to_string());
+    }
+
+    #[tokio::test]
+    async fn set_role_applies_on_the_next_call_and_is_audited() {
+        let (store, database) = setup().await;
+        let (id, key) = create(&store, Role::Viewer).await;
+        run(AdminCommand::SetRole {
+            id,
+            role: Role::Operator,
+            database: database.clone(),
+            output: Output::Json,
+        })
+        .await
+        .expect("set-role");
+        let principal = store
+            .authenticate(key.expose_secret())
+            .await
+            .expect("authenticate");
+        assert_eq!(principal.role, Role::Operator);
+
+        let entries = store.audit_log(10).await.expect("audit log");
+        let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["key.role_changed", "key.created"]);
+        run(AdminCommand::Audit {
+            limit: 10,
+            database,
+            output: Output::Table,
+        })
+        .await
+        .expect("audit");
+    }
+
+    #[test]
+    fn rotate_key_takes_no_secret_flag() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(["keel", "admin", "rotate-key"].iter().chain(args));
+        let err = parse(&["--encryption-keys", "k1:c2VjcmV0"]).expect_err("secret flag");
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        let cli = parse(&["--encryption-keys-file", "/run/secrets/keys"]).expect("file flag");
+        assert!(matches!(
+            cli.command,
+            Command::Admin(AdminCommand::RotateKey {
+                encryption_keys_file: Some(_),
+                ..
+            })
+        ));
+    }
 }
