@@ -57,7 +57,9 @@ pub trait EventHandler: Send + Sync + 'static {
 pub struct ConsumerConfig {
     /// Durable name shared by the replicas of one service (e.g. `remediation-alerts`).
     pub durable_name: String,
-    /// Subjects to receive, e.g. `keel.collector.alert.>`.
+    /// Subjects to receive, e.g. `keel.collector.alert.>`. More than one needs nats-server
+    /// 2.10 or later; [`run`] fails when the server (or an existing durable consumer of the same
+    /// name) filters on anything else.
     pub filter_subjects: Vec<String>,
     /// How long JetStream waits for an acknowledgement before redelivering.
     pub ack_wait: Duration,
@@ -96,12 +98,19 @@ pub async fn run<H: EventHandler>(
         .get_stream(STREAM)
         .await
         .map_err(|e| BusError::jetstream("get stream", e))?;
+    // One subject goes in `filter_subject`: servers before 2.10 ignore `filter_subjects`
+    // (and would deliver every subject of the stream).
+    let (filter_subject, filter_subjects) = match config.filter_subjects.as_slice() {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    };
     let consumer = stream
         .get_or_create_consumer(
             &config.durable_name,
             pull::Config {
                 durable_name: Some(config.durable_name.clone()),
-                filter_subjects: config.filter_subjects.clone(),
+                filter_subject,
+                filter_subjects,
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait,
                 max_deliver: config.max_deliver,
@@ -110,6 +119,19 @@ pub async fn run<H: EventHandler>(
         )
         .await
         .map_err(|e| BusError::jetstream("create consumer", e))?;
+    // The server may have ignored the filters (several of them before 2.10), or the durable
+    // consumer may exist already with other ones: either way it would deliver the wrong events.
+    let effective = filters(&consumer.cached_info().config);
+    if effective != sorted(&config.filter_subjects) {
+        return Err(BusError::JetStream {
+            operation: "create consumer",
+            source: format!(
+                "consumer {} filters {effective:?}, not the configured {:?} (several filter subjects need nats-server 2.10; changed filters need the consumer deleted)",
+                config.durable_name, config.filter_subjects
+            )
+            .into(),
+        });
+    }
     let mut messages = consumer
         .messages()
         .await
@@ -135,6 +157,21 @@ pub async fn run<H: EventHandler>(
             tracing::warn!(%error, subject = %message.subject, "acknowledging an event failed; it will be redelivered");
         }
     }
+}
+
+/// The subjects a consumer's configuration filters on, sorted.
+fn filters(config: &jetstream::consumer::Config) -> Vec<String> {
+    if config.filter_subjects.is_empty() && !config.filter_subject.is_empty() {
+        vec![config.filter_subject.clone()]
+    } else {
+        sorted(&config.filter_subjects)
+    }
+}
+
+fn sorted(subjects: &[String]) -> Vec<String> {
+    let mut subjects = subjects.to_vec();
+    subjects.sort();
+    subjects
 }
 
 async fn process<H: EventHandler>(

@@ -71,10 +71,10 @@ impl Outbox {
                  PRIMARY KEY (consumer, event_id)
              );"
         );
-        let mut conn = pool.acquire().await?;
         // Concurrent CREATE ... IF NOT EXISTS can still collide on the catalog; the
-        // loser finds the objects there, which is what it wanted.
-        match sqlx::raw_sql(&ddl).execute(&mut *conn).await {
+        // loser finds the objects there, which is what it wanted. Run on the pool: through
+        // `&mut *conn` this future was not `Send`, so replicas could not install from a spawned task.
+        match sqlx::raw_sql(&ddl).execute(pool).await {
             Ok(_) => Ok(()),
             Err(e) if keel_store::is_unique_violation(&e) => Ok(()),
             Err(e) => Err(e.into()),

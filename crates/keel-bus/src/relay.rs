@@ -8,9 +8,11 @@
 //! stream's de-duplication, so subscribers see each event once.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -165,11 +167,7 @@ impl Relay {
         // Send the whole batch before awaiting acknowledgements, in order.
         let mut pending = Vec::with_capacity(rows.len());
         for row in rows {
-            let mut headers = HeaderMap::new();
-            headers.insert(MSG_ID_HEADER.clone(), row.id.to_string().as_str());
-            for (name, value) in row.headers.0.iter() {
-                headers.insert(name.as_str(), value.as_str());
-            }
+            let headers = message_headers(row.id, &row.headers.0);
             let span =
                 tracing::debug_span!("outbox.publish", subject = %row.subject, event_id = %row.id);
             let publish = self.jetstream.publish_with_headers(
@@ -225,6 +223,29 @@ impl Relay {
             tracing::warn!(%db_error, event_id = %id, "cannot record outbox publish failure");
         }
     }
+}
+
+/// The headers of the message for event `id`: its extra headers, then `Nats-Msg-Id`.
+///
+/// An extra header named like the id header would travel next to it (a name given as a
+/// string never matches the typed standard name) and the server would de-duplicate on
+/// whichever came first, so it is left out, as is any name or value NATS cannot carry.
+fn message_headers(id: Uuid, extra: &BTreeMap<String, String>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in extra {
+        if name.eq_ignore_ascii_case(MSG_ID_HEADER.as_ref()) {
+            tracing::warn!(event_id = %id, header = %name, "outbox header would replace the event id; left out");
+            continue;
+        }
+        match (HeaderName::from_str(name), HeaderValue::from_str(value)) {
+            (Ok(name), Ok(value)) => headers.insert(name, value),
+            _ => {
+                tracing::warn!(event_id = %id, header = %name, "outbox header is not a valid NATS header; left out")
+            }
+        }
+    }
+    headers.insert(MSG_ID_HEADER, id.to_string().as_str());
+    headers
 }
 
 /// Waits for the next notification; false when the listener is gone and must be rebuilt.
