@@ -142,7 +142,11 @@ impl NatsConfig {
     }
 }
 
-/// Where a served process listens.
+/// Where a served process listens, and how its listeners are secured.
+///
+/// Both listeners serve TLS when a certificate and key are set; plaintext has to be asked for
+/// with `--allow-plaintext`, so a missing setting never turns into credentials on the wire.
+/// [`ListenConfig::plaintext`] and [`ListenConfig::tls`] build one in code (tests, benchmarks).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ListenConfig {
     /// Address of the gRPC listener.
@@ -162,6 +166,213 @@ pub struct ListenConfig {
     /// How long in-flight requests may take to finish after a shutdown signal.
     #[arg(long = "shutdown-grace", env = "KEEL_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// PEM file with the server certificate chain, leaf first, served on both listeners. Re-read
+    /// when it changes (checked every 2 s), so a renewed certificate needs no restart.
+    #[arg(long = "tls-cert-file", env = "KEEL_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert-file (PKCS#8, PKCS#1 or SEC1), re-read with it.
+    #[arg(long = "tls-key-file", env = "KEEL_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM file with the CAs that sign client certificates: turns on mutual TLS on the gRPC
+    /// listener. The HTTP listener never asks for client certificates, so that probes keep
+    /// working.
+    #[arg(long = "tls-client-ca-file", env = "KEEL_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Whether gRPC clients must present a certificate signed by --tls-client-ca-file
+    /// [default: required when --tls-client-ca-file is set].
+    #[arg(long = "tls-client-auth", env = "KEEL_TLS_CLIENT_AUTH", value_enum)]
+    pub tls_client_auth: Option<ClientAuth>,
+    /// Serve without TLS when no certificate is set. Anyone on the network can then read API keys,
+    /// credentials and the metrics token: only for a trusted network or a laptop.
+    #[arg(long = "allow-plaintext", env = "KEEL_ALLOW_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_plaintext: bool,
+    /// File holding the bearer token that GET /metrics requires (`authorization: Bearer
+    /// <token>`). A file, not a value, so the token shows up in neither `ps` nor the environment.
+    /// Without it /metrics answers 401, unless --metrics-anonymous is set.
+    #[arg(long = "metrics-token-file", env = "KEEL_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
+    /// Serve /metrics to anyone, without a token. /healthz and /readyz are always open.
+    #[arg(long = "metrics-anonymous", env = "KEEL_METRICS_ANONYMOUS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics_anonymous: bool,
+}
+
+/// Whether gRPC clients must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientAuth {
+    /// The handshake fails without a valid client certificate.
+    Required,
+    /// A client certificate is verified when presented; clients without one still connect (and
+    /// must then authenticate otherwise, e.g. with an API key).
+    Optional,
+}
+
+/// Validated TLS settings of the listeners: there is always a certificate and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf certificate.
+    pub key_file: PathBuf,
+    /// Mutual TLS on the gRPC listener, when configured.
+    pub client_auth: Option<ClientCertificates>,
+}
+
+/// How client certificates are checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificates {
+    /// PEM file with the CAs that client certificates must chain to.
+    pub ca_file: PathBuf,
+    /// Whether a certificate is required or only verified when presented.
+    pub mode: ClientAuth,
+}
+
+/// Who may read `/metrics`.
+#[derive(Debug, Clone)]
+pub enum MetricsAccess {
+    /// Callers presenting this bearer token.
+    Token(SecretString),
+    /// Anyone (`--metrics-anonymous`).
+    Anonymous,
+    /// Nobody: neither a token file nor anonymous access was configured.
+    Closed,
+}
+
+const TLS_CERT: &str = "--tls-cert-file / KEEL_TLS_CERT_FILE";
+const TLS_KEY: &str = "--tls-key-file / KEEL_TLS_KEY_FILE";
+const TLS_CLIENT_CA: &str = "--tls-client-ca-file / KEEL_TLS_CLIENT_CA_FILE";
+const TLS_CLIENT_AUTH: &str = "--tls-client-auth / KEEL_TLS_CLIENT_AUTH";
+const METRICS_TOKEN: &str = "--metrics-token-file / KEEL_METRICS_TOKEN_FILE";
+const METRICS_ANONYMOUS: &str = "--metrics-anonymous / KEEL_METRICS_ANONYMOUS";
+
+impl ListenConfig {
+    /// Listeners on `grpc` and `http` without TLS (plaintext explicitly allowed), with the default
+    /// 20 s shutdown grace and `/metrics` closed until a token or anonymous access is set.
+    pub fn plaintext(grpc: SocketAddr, http: SocketAddr) -> Self {
+        Self {
+            grpc,
+            http,
+            shutdown_grace: Duration::from_secs(20),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            tls_client_auth: None,
+            allow_plaintext: true,
+            metrics_token_file: None,
+            metrics_anonymous: false,
+        }
+    }
+
+    /// Listeners on `grpc` and `http` serving TLS with the certificate chain and key in these PEM
+    /// files, without client certificates; otherwise like [`ListenConfig::plaintext`].
+    pub fn tls(
+        grpc: SocketAddr,
+        http: SocketAddr,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            tls_cert_file: Some(cert_file.into()),
+            tls_key_file: Some(key_file.into()),
+            allow_plaintext: false,
+            ..Self::plaintext(grpc, http)
+        }
+    }
+
+    /// Checks that TLS is configured completely, or plaintext explicitly allowed, and that the
+    /// metrics settings do not contradict each other. Reads no file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.tls_settings()?;
+        if self.metrics_anonymous && self.metrics_token_file.is_some() {
+            return Err(ConfigError::Invalid {
+                setting: METRICS_ANONYMOUS,
+                reason: format!("contradicts {METRICS_TOKEN}; set only one of them"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The TLS settings, or `None` when the listeners serve plaintext (only if allowed).
+    pub fn tls_settings(&self) -> Result<Option<TlsSettings>, ConfigError> {
+        let (cert_file, key_file) = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    setting: TLS_KEY,
+                    reason: format!("{TLS_CERT} is set, so its private key is needed too"),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    setting: TLS_CERT,
+                    reason: format!("{TLS_KEY} is set, so its certificate is needed too"),
+                });
+            }
+            (None, None) => {
+                if self.tls_client_ca_file.is_some() {
+                    return Err(ConfigError::Invalid {
+                        setting: TLS_CLIENT_CA,
+                        reason: format!(
+                            "client certificates need TLS: set {TLS_CERT} and {TLS_KEY}"
+                        ),
+                    });
+                }
+                if self.allow_plaintext {
+                    return Ok(None);
+                }
+                return Err(ConfigError::Invalid {
+                    setting: TLS_CERT,
+                    reason: format!(
+                        "no TLS certificate configured: set {TLS_CERT} and {TLS_KEY}, or set \
+                         --allow-plaintext / KEEL_ALLOW_PLAINTEXT=true to serve without TLS \
+                         (anyone on the network can then read API keys and credentials)"
+                    ),
+                });
+            }
+        };
+        let client_auth = match (&self.tls_client_ca_file, self.tls_client_auth) {
+            (Some(ca_file), mode) => Some(ClientCertificates {
+                ca_file: ca_file.clone(),
+                mode: mode.unwrap_or(ClientAuth::Required),
+            }),
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    setting: TLS_CLIENT_AUTH,
+                    reason: format!(
+                        "client certificates need a CA to check them: set {TLS_CLIENT_CA}"
+                    ),
+                });
+            }
+            (None, None) => None,
+        };
+        Ok(Some(TlsSettings {
+            cert_file,
+            key_file,
+            client_auth,
+        }))
+    }
+
+    /// Who may read `/metrics`; reads the token file when one is set. An empty token is refused,
+    /// because it would let anyone in who sends `Bearer ` with nothing after it.
+    pub fn metrics_access(&self) -> Result<MetricsAccess, ConfigError> {
+        match (&self.metrics_token_file, self.metrics_anonymous) {
+            (Some(_), true) => Err(ConfigError::Invalid {
+                setting: METRICS_ANONYMOUS,
+                reason: format!("contradicts {METRICS_TOKEN}; set only one of them"),
+            }),
+            (Some(path), false) => {
+                let token = read_secret_file(METRICS_TOKEN, path)?;
+                if token.expose_secret().trim().is_empty() {
+                    return Err(ConfigError::Invalid {
+                        setting: METRICS_TOKEN,
+                        reason: format!("{} is empty; put the token in it", path.display()),
+                    });
+                }
+                Ok(MetricsAccess::Token(token))
+            }
+            (None, true) => Ok(MetricsAccess::Anonymous),
+            (None, false) => Ok(MetricsAccess::Closed),
+        }
+    }
 }
 
 /// How a process logs and traces.
@@ -232,6 +443,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 
@@ -271,5 +483,189 @@ mod tests {
                 .validate()
                 .is_err()
         );
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn tls() -> ListenConfig {
+        ListenConfig::tls(addr(1), addr(2), "/tls/tls.crt", "/tls/tls.key")
+    }
+
+    /// Checks that validation fails naming `setting`, with `hint` in the reason.
+    fn check_invalid(config: &ListenConfig, setting: &str, hint: &str) {
+        let err = config.validate().unwrap_err();
+        let ConfigError::Invalid { setting: named, .. } = &err else {
+            panic!("not an invalid setting: {err}");
+        };
+        assert_eq!(*named, setting, "{err}");
+        assert!(err.to_string().contains(hint), "{err}");
+    }
+
+    #[test]
+    fn listeners_need_tls_or_explicit_plaintext() {
+        let mut config = ListenConfig::plaintext(addr(1), addr(2));
+        assert_eq!(config.tls_settings().unwrap(), None);
+        config.validate().unwrap();
+
+        config.allow_plaintext = false;
+        check_invalid(
+            &config,
+            TLS_CERT,
+            "set --tls-cert-file / KEEL_TLS_CERT_FILE and --tls-key-file / KEEL_TLS_KEY_FILE, \
+             or set --allow-plaintext / KEEL_ALLOW_PLAINTEXT=true",
+        );
+
+        assert_eq!(
+            tls().tls_settings().unwrap(),
+            Some(TlsSettings {
+                cert_file: "/tls/tls.crt".into(),
+                key_file: "/tls/tls.key".into(),
+                client_auth: None,
+            })
+        );
+        // TLS wins when both are set: allowing plaintext does not turn TLS off.
+        let mut both = tls();
+        both.allow_plaintext = true;
+        assert!(both.tls_settings().unwrap().is_some());
+    }
+
+    #[test]
+    fn certificate_and_key_come_together() {
+        let mut config = tls();
+        config.tls_key_file = None;
+        check_invalid(&config, TLS_KEY, "its private key is needed too");
+        // Allowing plaintext does not excuse a half-configured TLS.
+        config.allow_plaintext = true;
+        check_invalid(&config, TLS_KEY, "its private key is needed too");
+
+        let mut config = tls();
+        config.tls_cert_file = None;
+        check_invalid(&config, TLS_CERT, "its certificate is needed too");
+    }
+
+    #[test]
+    fn client_certificates_need_tls_and_a_ca() {
+        let mut config = tls();
+        config.tls_client_ca_file = Some("/tls/ca.crt".into());
+        let settings = config.tls_settings().unwrap().unwrap();
+        assert_eq!(
+            settings.client_auth,
+            Some(ClientCertificates {
+                ca_file: "/tls/ca.crt".into(),
+                mode: ClientAuth::Required,
+            })
+        );
+        config.tls_client_auth = Some(ClientAuth::Optional);
+        let settings = config.tls_settings().unwrap().unwrap();
+        assert_eq!(settings.client_auth.unwrap().mode, ClientAuth::Optional);
+
+        let mut config = tls();
+        config.tls_client_auth = Some(ClientAuth::Required);
+        check_invalid(&config, TLS_CLIENT_AUTH, "set --tls-client-ca-file");
+
+        let mut config = ListenConfig::plaintext(addr(1), addr(2));
+        config.tls_client_ca_file = Some("/tls/ca.crt".into());
+        check_invalid(&config, TLS_CLIENT_CA, "client certificates need TLS");
+    }
+
+    #[test]
+    fn metrics_are_closed_unless_a_token_or_anonymous_access_is_set() {
+        let mut config = ListenConfig::plaintext(addr(1), addr(2));
+        assert!(matches!(
+            config.metrics_access().unwrap(),
+            MetricsAccess::Closed
+        ));
+        config.metrics_anonymous = true;
+        assert!(matches!(
+            config.metrics_access().unwrap(),
+            MetricsAccess::Anonymous
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics-token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        config.metrics_token_file = Some(path.clone());
+        check_invalid(&config, METRICS_ANONYMOUS, "set only one of them");
+        assert!(config.metrics_access().is_err());
+
+        config.metrics_anonymous = false;
+        config.validate().unwrap();
+        let MetricsAccess::Token(token) = config.metrics_access().unwrap() else {
+            panic!("no token");
+        };
+        assert_eq!(token.expose_secret(), "s3cret");
+        // The token never shows in Debug output.
+        assert!(!format!("{:?}", config.metrics_access().unwrap()).contains("s3cret"));
+
+        std::fs::write(&path, "\n").unwrap();
+        let err = config.metrics_access().unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        config.metrics_token_file = Some(dir.path().join("missing"));
+        assert!(matches!(
+            config.metrics_access().unwrap_err(),
+            ConfigError::SecretFile { .. }
+        ));
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        listen: ListenConfig,
+    }
+
+    #[test]
+    fn listen_flags_parse() {
+        use clap::Parser as _;
+
+        let cli = Cli::try_parse_from([
+            "keel",
+            "--tls-cert-file",
+            "/tls/tls.crt",
+            "--tls-key-file",
+            "/tls/tls.key",
+            "--tls-client-ca-file",
+            "/tls/ca.crt",
+            "--tls-client-auth",
+            "optional",
+            "--metrics-token-file",
+            "/run/secrets/metrics-token",
+        ])
+        .unwrap();
+        let listen = cli.listen;
+        assert_eq!(listen.tls_client_auth, Some(ClientAuth::Optional));
+        assert!(!listen.allow_plaintext);
+        assert!(!listen.metrics_anonymous);
+        listen.validate().unwrap();
+
+        let cli =
+            Cli::try_parse_from(["keel", "--allow-plaintext", "--metrics-anonymous"]).unwrap();
+        assert!(cli.listen.allow_plaintext);
+        assert!(cli.listen.metrics_anonymous);
+        cli.listen.validate().unwrap();
+
+        // A secret is only ever a file: there is no flag that takes the token itself.
+        assert!(Cli::try_parse_from(["keel", "--metrics-token", "x"]).is_err());
+    }
+
+    #[test]
+    fn help_says_how_to_secure_the_listeners() {
+        use clap::CommandFactory as _;
+
+        let help = Cli::command().render_long_help().to_string();
+        for expected in [
+            "--tls-cert-file",
+            "KEEL_TLS_CERT_FILE",
+            "KEEL_TLS_KEY_FILE",
+            "KEEL_TLS_CLIENT_CA_FILE",
+            "KEEL_TLS_CLIENT_AUTH",
+            "KEEL_ALLOW_PLAINTEXT",
+            "KEEL_METRICS_TOKEN_FILE",
+            "KEEL_METRICS_ANONYMOUS",
+            "Without it /metrics answers 401",
+        ] {
+            assert!(help.contains(expected), "missing {expected:?} in\n{help}");
+        }
     }
 }

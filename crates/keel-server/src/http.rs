@@ -6,10 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::future::BoxFuture;
+use keel_config::MetricsAccess;
+use secrecy::ExposeSecret as _;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
 
 use crate::Metrics;
 
@@ -46,21 +50,104 @@ pub(crate) struct Readiness {
     pub(crate) shutting_down: AtomicBool,
 }
 
+/// Who may read `/metrics`, in the form checked on each request.
+#[derive(Clone)]
+pub(crate) enum MetricsAuth {
+    /// Callers whose bearer token has this SHA-256 digest. Comparing digests, which all have the
+    /// same length, keeps the token's length out of the comparison's timing too.
+    Token([u8; 32]),
+    /// Anyone.
+    Anonymous,
+    /// Nobody.
+    Closed,
+}
+
+impl MetricsAuth {
+    pub(crate) fn new(access: &MetricsAccess) -> Self {
+        match access {
+            MetricsAccess::Token(token) => {
+                Self::Token(Sha256::digest(token.expose_secret().as_bytes()).into())
+            }
+            MetricsAccess::Anonymous => Self::Anonymous,
+            MetricsAccess::Closed => Self::Closed,
+        }
+    }
+
+    /// Whether a request with these headers may read the metrics.
+    fn allows(&self, headers: &HeaderMap) -> bool {
+        let expected = match self {
+            Self::Token(digest) => digest,
+            Self::Anonymous => return true,
+            Self::Closed => return false,
+        };
+        let Some(token) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(bearer_token)
+        else {
+            return false;
+        };
+        Sha256::digest(token.as_bytes()).ct_eq(expected).into()
+    }
+}
+
+impl fmt::Debug for MetricsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Even the token's digest stays out of logs.
+        f.write_str(match self {
+            Self::Token(_) => "Token(<redacted>)",
+            Self::Anonymous => "Anonymous",
+            Self::Closed => "Closed",
+        })
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110, section 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 #[derive(Debug, Clone)]
 struct HttpState {
     metrics: Metrics,
     readiness: Arc<Readiness>,
+    metrics_auth: MetricsAuth,
 }
 
-pub(crate) fn router(metrics: Metrics, readiness: Arc<Readiness>) -> axum::Router {
+pub(crate) fn router(
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+    metrics_auth: MetricsAuth,
+) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(HttpState { metrics, readiness })
+        .with_state(HttpState {
+            metrics,
+            readiness,
+            metrics_auth,
+        })
 }
 
-async fn metrics_handler(State(state): State<HttpState>) -> Response {
+/// The metrics, for callers with the bearer token (or anyone, when anonymous access is on).
+async fn metrics_handler(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    if !state.metrics_auth.allows(&headers) {
+        // One answer for a missing, a wrong and an unconfigured token: a caller learns nothing
+        // about which it was.
+        return (
+            StatusCode::UNAUTHORIZED,
+            [
+                (header::WWW_AUTHENTICATE, r#"Bearer realm="keel-metrics""#),
+                (header::CONTENT_TYPE, TEXT),
+            ],
+            "/metrics needs authorization: Bearer <token>\n",
+        )
+            .into_response();
+    }
     match state.metrics.encode() {
         Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
         Err(error) => {
@@ -117,5 +204,45 @@ async fn readyz(State(state): State<HttpState>) -> Response {
             failures,
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(auth: &MetricsAuth, authorization: Option<&str>, allowed: bool) {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = authorization {
+            headers.insert(
+                header::AUTHORIZATION,
+                value.parse().expect("a valid header value"),
+            );
+        }
+        assert_eq!(auth.allows(&headers), allowed, "{authorization:?}");
+    }
+
+    #[test]
+    fn metrics_need_the_exact_bearer_token() {
+        let auth = MetricsAuth::new(&MetricsAccess::Token("s3cret".to_owned().into()));
+        check(&auth, Some("Bearer s3cret"), true);
+        check(&auth, Some("bearer s3cret"), true);
+        check(&auth, Some("Bearer  s3cret"), true);
+        check(&auth, None, false);
+        check(&auth, Some("Bearer"), false);
+        check(&auth, Some("Bearer "), false);
+        check(&auth, Some("Bearer s3cre"), false);
+        check(&auth, Some("Bearer s3cret2"), false);
+        check(&auth, Some("Basic s3cret"), false);
+        check(&auth, Some("s3cret"), false);
+        assert!(!format!("{auth:?}").contains("s3cret"));
+
+        check(&MetricsAuth::new(&MetricsAccess::Anonymous), None, true);
+        check(&MetricsAuth::new(&MetricsAccess::Closed), None, false);
+        check(
+            &MetricsAuth::new(&MetricsAccess::Closed),
+            Some("Bearer anything"),
+            false,
+        );
     }
 }

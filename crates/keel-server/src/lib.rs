@@ -2,8 +2,13 @@
 //!
 //! A [`Server`] serves, on the gRPC listener, the caller's services plus `grpc.health.v1` and
 //! server reflection (v1 and v1alpha), each call traced ([`keel_telemetry::GrpcTraceLayer`]) and
-//! counted in the gRPC metrics; and on the HTTP listener `/metrics` (OpenMetrics), `/healthz`
-//! (liveness) and `/readyz` (readiness checks). It shuts both down gracefully when told to.
+//! counted in the gRPC metrics; and on the HTTP listener `/metrics` (OpenMetrics, behind a bearer
+//! token), `/healthz` (liveness) and `/readyz` (readiness checks). It shuts both down gracefully
+//! when told to.
+//!
+//! Both listeners serve TLS with the certificate in [`ListenConfig`], re-read from disk while
+//! serving; plaintext only when the configuration explicitly allows it. With a client CA, the gRPC
+//! listener verifies client certificates and hands each request the client's [`PeerIdentity`].
 //!
 //! The caller applies its own authentication to its own services before putting them into
 //! [`Routes`], so health and reflection stay open to probes and tools.
@@ -21,6 +26,7 @@
 
 mod http;
 mod metrics;
+mod tls;
 
 use std::collections::HashSet;
 use std::future::{Future, IntoFuture as _};
@@ -29,8 +35,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use keel_config::ListenConfig;
+use keel_config::{ConfigError, ListenConfig, MetricsAccess};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -38,9 +45,11 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 pub use metrics::Metrics;
+pub use tls::TlsError;
 
-use crate::http::{Readiness, ReadinessCheck};
+use crate::http::{MetricsAuth, Readiness, ReadinessCheck};
 use crate::metrics::GrpcMetrics;
+use crate::tls::{PeerIdentityLayer, ReloadingTls};
 
 /// Services this crate adds to every gRPC server; they always get their own metric labels.
 const BUILT_IN_SERVICES: [&str; 3] = [
@@ -49,9 +58,26 @@ const BUILT_IN_SERVICES: [&str; 3] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
+/// The identity in a gRPC client's verified TLS certificate: its subject common name, else its
+/// first DNS subject alternative name.
+///
+/// Found in a request's extensions (`request.extensions().get::<PeerIdentity>()`) only when the
+/// client presented a certificate that chains to the configured client CA (`--tls-client-ca-file`);
+/// without mutual TLS, or from a client without a certificate, there is none. Extensions are set
+/// by the server, so a client cannot forge one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerIdentity(pub String);
+
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The listen configuration is incomplete or contradictory, or the metrics token file cannot
+    /// be read.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS certificate, key or client CA cannot be served.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -153,6 +179,8 @@ impl Server {
         routes: Routes,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        // Before binding, so that a configuration error is not hidden behind an address in use.
+        self.listen.validate()?;
         let grpc = bind(self.listen.grpc).await?;
         let http = bind(self.listen.http).await?;
         self.serve_with_listeners(grpc, http, routes, shutdown)
@@ -161,8 +189,16 @@ impl Server {
 
     /// Serves until `shutdown` resolves, on listeners the caller bound (tests bind port 0).
     ///
-    /// gRPC: `routes` plus health and reflection, behind the tracing and metrics layers.
-    /// HTTP: `/metrics`, `/healthz`, `/readyz`.
+    /// gRPC: `routes` plus health and reflection, behind the tracing and metrics layers; each
+    /// request carries the client's [`PeerIdentity`] when it presented a verified certificate.
+    /// HTTP: `/metrics` (bearer token, unless anonymous access is configured), `/healthz`,
+    /// `/readyz`.
+    ///
+    /// Both listeners serve TLS when the configuration has a certificate; the files are checked
+    /// every 2 s, and new connections get the new certificate once they change (files that cannot
+    /// be served are skipped with a warning). Without a certificate, the configuration must allow
+    /// plaintext, and each listener logs a warning saying so. The configuration is validated and
+    /// the TLS and token files read before anything is served.
     ///
     /// When `shutdown` resolves, health turns NOT_SERVING and `/readyz` 503, both listeners stop
     /// accepting, and in-flight requests get `listen.shutdown_grace` to finish; whatever is still
@@ -175,6 +211,12 @@ impl Server {
         routes: Routes,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        self.listen.validate()?;
+        let metrics_access = self.listen.metrics_access()?;
+        let tls = match self.listen.tls_settings()? {
+            Some(settings) => Some(ReloadingTls::load(settings).await?),
+            None => None,
+        };
         let grpc_addr = grpc.local_addr().map_err(ServerError::LocalAddr)?;
         let http_addr = http.local_addr().map_err(ServerError::LocalAddr)?;
 
@@ -214,22 +256,90 @@ impl Server {
         });
 
         let (stop, stopping) = watch::channel(false);
-        let grpc_server = tonic::transport::Server::builder()
+        let grpc_router = tonic::transport::Server::builder()
+            // Outermost, so that the layers after it see the peer's identity too.
+            .layer(PeerIdentityLayer)
             .layer(keel_telemetry::GrpcTraceLayer)
             .layer(metrics_layer)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc),
-                stopped(stopping.clone()),
+            .add_routes(routes);
+        let http_router = http::router(
+            self.metrics.clone(),
+            readiness.clone(),
+            MetricsAuth::new(&metrics_access),
+        );
+        // For the start-up log: whether TLS is on, and with which client authentication.
+        let served_tls = tls.as_ref().map(|(tls, _)| tls.client_auth());
+        // The TLS side's own tasks (certificate watcher, accept loops): stopped by `stopping`,
+        // and aborted at the end, so that no listener outlives this call.
+        let mut tls_tasks = Vec::new();
+        let (grpc_server, http_server): (BoxFuture<'static, _>, BoxFuture<'static, _>) = match tls {
+            Some((tls, files)) => {
+                tls_tasks.push(tokio::spawn(tls.clone().watch(files, stopping.clone())));
+                let (grpc_connections, grpc_accept) =
+                    tls::accept(grpc, tls.clone(), tls::Listener::Grpc, stopping.clone());
+                let (http_connections, http_accept) =
+                    tls::accept(http, tls.clone(), tls::Listener::Http, stopping.clone());
+                tls_tasks.extend([grpc_accept, http_accept]);
+                (
+                    grpc_router
+                        .serve_with_incoming_shutdown(
+                            tls::grpc_incoming(grpc_connections),
+                            stopped(stopping.clone()),
+                        )
+                        .boxed(),
+                    axum::serve(
+                        tls::HttpsListener::new(http_connections, http_addr),
+                        http_router,
+                    )
+                    .with_graceful_shutdown(stopped(stopping))
+                    .into_future()
+                    .boxed(),
+                )
+            }
+            None => {
+                // Loud on purpose: this must not go unnoticed outside a laptop or a test.
+                tracing::warn!(
+                    %grpc_addr,
+                    "serving gRPC WITHOUT TLS on {grpc_addr}: anyone on the network can read API \
+                     keys and credentials"
+                );
+                tracing::warn!(
+                    %http_addr,
+                    "serving HTTP WITHOUT TLS on {http_addr}: anyone on the network can read the \
+                     metrics and the metrics token"
+                );
+                (
+                    grpc_router
+                        .serve_with_incoming_shutdown(
+                            tonic::transport::server::TcpIncoming::from(grpc),
+                            stopped(stopping.clone()),
+                        )
+                        .boxed(),
+                    axum::serve(http, http_router)
+                        .with_graceful_shutdown(stopped(stopping))
+                        .into_future()
+                        .boxed(),
+                )
+            }
+        };
+        if matches!(metrics_access, MetricsAccess::Closed) {
+            tracing::warn!(
+                "/metrics answers 401 to every request: set --metrics-token-file / \
+                 KEEL_METRICS_TOKEN_FILE, or --metrics-anonymous / KEEL_METRICS_ANONYMOUS=true"
             );
-        let http_server = axum::serve(http, http::router(self.metrics.clone(), readiness.clone()))
-            .with_graceful_shutdown(stopped(stopping))
-            .into_future();
+        }
         let mut grpc_task =
             tokio::spawn(async move { grpc_server.await.map_err(ServerError::Grpc) });
         let mut http_task =
             tokio::spawn(async move { http_server.await.map_err(ServerError::Http) });
-        tracing::info!(%grpc_addr, %http_addr, services = ?self.services, "serving");
+        tracing::info!(
+            %grpc_addr,
+            %http_addr,
+            tls = served_tls.is_some(),
+            client_auth = ?served_tls.flatten(),
+            services = ?self.services,
+            "serving"
+        );
 
         // Either shutdown is asked for, or a server stops by itself, which is a failure.
         let mut first_error = None;
@@ -264,6 +374,11 @@ impl Server {
         }
         if !http_done && let Err(error) = drain("http", &mut http_task, deadline, grace).await {
             first_error.get_or_insert(error);
+        }
+        for task in tls_tasks {
+            task.abort();
+            // Cancelled or finished, it is gone now, and its listener closed.
+            let _ = task.await;
         }
         match first_error {
             Some(error) => Err(error),

@@ -22,12 +22,15 @@ use tonic_health::pb::health_client::HealthClient;
 
 const REGISTRY: &str = "keel.v1.RegistryService";
 
+/// Plaintext listeners with `/metrics` open to anyone; `metrics_*` tests close it.
 fn listen(shutdown_grace: Duration) -> ListenConfig {
-    ListenConfig {
-        grpc: "127.0.0.1:0".parse().unwrap(),
-        http: "127.0.0.1:0".parse().unwrap(),
-        shutdown_grace,
-    }
+    let mut listen = ListenConfig::plaintext(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    listen.shutdown_grace = shutdown_grace;
+    listen.metrics_anonymous = true;
+    listen
 }
 
 /// A server running in the background, and how to stop it.
@@ -65,9 +68,21 @@ async fn start(server: Server) -> Running {
 
 /// Status, `Content-Type` and body of a plain HTTP/1.0 GET.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    get_with(addr, path, None).await
+}
+
+/// Status, `Content-Type` and body of a plain HTTP/1.0 GET with an `authorization` header.
+async fn get_with(
+    addr: SocketAddr,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, String, String) {
+    let authorization = authorization
+        .map(|value| format!("authorization: {value}\r\n"))
+        .unwrap_or_default();
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{authorization}\r\n").as_bytes())
         .await
         .unwrap();
     let mut raw = String::new();
@@ -321,4 +336,74 @@ async fn serve_reports_an_address_in_use() {
         .await
         .unwrap_err();
     assert!(matches!(err, ServerError::Bind { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn metrics_need_the_bearer_token_from_the_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("metrics-token");
+    std::fs::write(&token_file, "scrape-me\n").unwrap();
+    let mut config = listen(Duration::from_secs(5));
+    config.metrics_anonymous = false;
+    config.metrics_token_file = Some(token_file);
+    let running = start(Server::new(&config)).await;
+
+    let check = |authorization: Option<&'static str>, expected: u16| {
+        let http = running.http;
+        async move {
+            let (status, _, body) = get_with(http, "/metrics", authorization).await;
+            assert_eq!(status, expected, "{authorization:?}: {body}");
+            body
+        }
+    };
+    let body = check(None, 401).await;
+    assert_eq!(body, "/metrics needs authorization: Bearer <token>\n");
+    check(Some("Bearer wrong"), 401).await;
+    check(Some("Bearer scrape-me-too"), 401).await;
+    check(Some("Basic scrape-me"), 401).await;
+    let body = check(Some("Bearer scrape-me"), 200).await;
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    // Probes stay open.
+    assert_eq!(get(running.http, "/healthz").await.0, 200);
+    assert_eq!(get(running.http, "/readyz").await.0, 200);
+
+    running.stop.send(()).unwrap();
+    running.served.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn metrics_are_closed_without_a_token_unless_anonymous_access_is_set() {
+    let mut config = listen(Duration::from_secs(5));
+    config.metrics_anonymous = false;
+    let running = start(Server::new(&config)).await;
+    assert_eq!(get(running.http, "/metrics").await.0, 401);
+    assert_eq!(
+        get_with(running.http, "/metrics", Some("Bearer ")).await.0,
+        401
+    );
+    assert_eq!(get(running.http, "/healthz").await.0, 200);
+    running.stop.send(()).unwrap();
+    running.served.await.unwrap().unwrap();
+
+    config.metrics_anonymous = true;
+    let running = start(Server::new(&config)).await;
+    assert_eq!(get(running.http, "/metrics").await.0, 200);
+    running.stop.send(()).unwrap();
+    running.served.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_metrics_token_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("metrics-token");
+    std::fs::write(&token_file, "\n").unwrap();
+    let mut config = listen(Duration::from_secs(5));
+    config.metrics_anonymous = false;
+    config.metrics_token_file = Some(token_file);
+    let err = Server::new(&config)
+        .serve(Routes::default(), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServerError::Config(_)), "{err}");
+    assert!(err.to_string().contains("is empty"), "{err}");
 }
