@@ -56,12 +56,14 @@ impl Registry {
     }
 }
 
-/// The registry's gRPC service behind the API-key layer, ready for a server's routes.
+/// The registry's gRPC service as every process serves it: API keys checked first, then
+/// the caller's per-key limits, then the service.
 pub fn grpc_service(
     registry: Registry,
     keys: keel_auth::KeyStore,
-) -> keel_auth::AuthService<RegistryServiceServer<Registry>> {
-    keel_auth::AuthLayer::new(keys).layer(RegistryServiceServer::new(registry))
+    limits: &keel_limits::LimitsLayer,
+) -> keel_auth::AuthService<keel_limits::LimitsService<RegistryServiceServer<Registry>>> {
+    keel_auth::AuthLayer::new(keys).layer(limits.layer(RegistryServiceServer::new(registry)))
 }
 
 /// Re-encrypts every connection URL not under the ring's primary key, in batches,

@@ -18,6 +18,29 @@ pub(crate) struct Report {
     pub(crate) findings: Vec<CheckFinding>,
 }
 
+impl Report {
+    fn reachable(
+        server_version: String,
+        replica: bool,
+        latency: Duration,
+        findings: Vec<CheckFinding>,
+    ) -> Self {
+        let role = if replica {
+            InstanceRole::Replica
+        } else {
+            InstanceRole::Primary
+        };
+        let health = Health {
+            reachable: true,
+            server_version,
+            role,
+            error: String::new(),
+            latency: Some(latency),
+        };
+        Report { health, findings }
+    }
+}
+
 /// Probes the instance behind `url`, giving up after `timeout`.
 pub(crate) async fn probe(engine: Engine, url: &ConnectionUrl, timeout: Duration) -> Report {
     let outcome = match engine {
@@ -135,20 +158,7 @@ async fn probe_postgres(url: &ConnectionUrl) -> Result<Report, String> {
             ),
         ),
     });
-    Ok(Report {
-        health: Health {
-            reachable: true,
-            server_version: version,
-            role: if in_recovery {
-                InstanceRole::Replica
-            } else {
-                InstanceRole::Primary
-            },
-            error: String::new(),
-            latency: Some(latency),
-        },
-        findings,
-    })
+    Ok(Report::reachable(version, in_recovery, latency, findings))
 }
 
 async fn probe_redis(url: &ConnectionUrl) -> Result<Report, String> {
@@ -209,18 +219,10 @@ async fn probe_redis(url: &ConnectionUrl) -> Result<Report, String> {
             "",
         )
     });
-    Ok(Report {
-        health: Health {
-            reachable: true,
-            server_version: field("redis_version"),
-            role: if field("role") == "slave" {
-                InstanceRole::Replica
-            } else {
-                InstanceRole::Primary
-            },
-            error: String::new(),
-            latency: Some(latency),
-        },
+    Ok(Report::reachable(
+        field("redis_version"),
+        field("role") == "slave",
+        latency,
         findings,
-    })
+    ))
 }

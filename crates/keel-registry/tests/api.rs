@@ -117,7 +117,14 @@ async fn create_get_update_delete_round_trip() {
 async fn lists_page_and_filter_by_labels_engine_and_environment() {
     let app = TestApp::start().await;
     let mut client = app.client("acme", Role::Operator).await;
-    let specs: [(&str, Engine, &str, &[(&str, &str)]); 7] = [
+    // name, engine, environment, labels
+    type Spec = (
+        &'static str,
+        Engine,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+    );
+    let specs: [Spec; 7] = [
         (
             "a",
             Engine::Postgres,
@@ -748,7 +755,11 @@ async fn credentials_are_sealed_at_rest_and_rotate_to_a_new_key() {
     let rotated_app_keys = key_ring(K2);
     let registry =
         keel_registry::Registry::new(app.pool.clone(), rotated_app_keys, Default::default());
-    let service = keel_registry::grpc_service(registry, app.keys.clone());
+    let service = keel_registry::grpc_service(
+        registry,
+        app.keys.clone(),
+        &generous_limits(&keel_server::Metrics::default()),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -845,17 +856,9 @@ async fn check_reports_what_is_missing_with_the_fix() {
 
     // Redis: unlimited memory is flagged with the commands that fix it.
     let redis_url = app.env.redis_url().await.expect("redis");
-    let redis = create(
-        &mut client,
-        Instance {
-            name: "cache".into(),
-            engine: Engine::Redis as i32,
-            connection_url: redis_url,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("create redis");
+    let redis = create(&mut client, redis_instance("cache", &redis_url))
+        .await
+        .expect("create redis");
     let report = client
         .check_instance(CheckInstanceRequest {
             id: redis.id.clone(),

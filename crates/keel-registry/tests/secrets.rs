@@ -153,17 +153,9 @@ async fn no_secret_in_responses_errors_logs_spans_metrics_or_events() {
         &format!("redis://:{}@", SECRETS[4]),
         1,
     );
-    let redis = create(
-        &mut client,
-        Instance {
-            name: "cache".into(),
-            engine: Engine::Redis as i32,
-            connection_url: redis_url,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("create redis");
+    let redis = create(&mut client, redis_instance("cache", &redis_url))
+        .await
+        .expect("create redis");
     seen.push(format!(
         "{:?}",
         client

@@ -59,6 +59,8 @@ pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) telemetry: TelemetryConfig,
     #[command(flatten)]
+    pub(crate) limits: keel_limits::LimitsConfig,
+    #[command(flatten)]
     pub(crate) encryption: EncryptionArgs,
     /// File holding an admin API key to register at start (e.g. a mounted Kubernetes Secret),
     /// so a new deployment can be used without `keel admin create-key`.

@@ -20,6 +20,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Everything that can be checked without a network is checked before connecting.
     args.database.validate()?;
     args.nats.validate()?;
+    args.listen.validate()?;
+    args.limits.validate()?;
     keel_auth::validate_tenant(&args.bootstrap_tenant)
         .context("--bootstrap-tenant / KEEL_BOOTSTRAP_TENANT")?;
     if matches!(
@@ -98,7 +100,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             check_timeout: args.check_timeout,
         },
     );
-    let routes = Routes::new(keel_registry::grpc_service(registry, keys.clone()));
+    // One limits layer for the process: a key's budget covers all the services it calls.
+    let limits = keel_limits::LimitsLayer::new(&args.limits, server.metrics())?;
+    let routes = Routes::new(keel_registry::grpc_service(registry, keys.clone(), &limits));
     server.register_service(REGISTRY_SERVICE);
 
     let relay = Relay::new(
@@ -113,6 +117,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         target_services = ?args.target,
         grpc = %args.listen.grpc,
+        tls = args.listen.tls_cert_file.is_some(),
         http = %args.listen.http,
         "keel serving"
     );

@@ -352,17 +352,35 @@ async fn the_keel_binary_serves_and_the_cli_drives_it() {
 
 #[test]
 fn serve_refuses_bad_configuration_before_connecting() {
-    let output = Command::new(KEEL)
-        .args(["serve", "--database-url", "mysql://db/x"])
-        .env("KEEL_ENCRYPTION_KEYS", ENCRYPTION_KEYS)
-        .output()
-        .expect("run");
-    expect_exit(&output, 1, "use postgres://");
-    let output = Command::new(KEEL)
-        .arg("serve")
-        .env_remove("KEEL_ENCRYPTION_KEYS")
-        .env_remove("KEEL_ENCRYPTION_KEYS_FILE")
-        .output()
-        .expect("run");
-    expect_exit(&output, 1, "no encryption keys");
+    // Nothing listens at these URLs: each refusal must come before any connection is tried.
+    let serve = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(KEEL)
+            .arg("serve")
+            .args(args)
+            .env_remove("KEEL_ENCRYPTION_KEYS")
+            .env_remove("KEEL_ENCRYPTION_KEYS_FILE")
+            .env_remove("KEEL_ALLOW_PLAINTEXT")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run")
+    };
+    let keys = ("KEEL_ENCRYPTION_KEYS", ENCRYPTION_KEYS);
+    let plaintext = ("KEEL_ALLOW_PLAINTEXT", "true");
+    expect_exit(
+        &serve(&["--database-url", "mysql://db/x"], &[keys, plaintext]),
+        1,
+        "use postgres://",
+    );
+    expect_exit(&serve(&[], &[keys]), 1, "no TLS certificate configured");
+    expect_exit(
+        &serve(&["--tls-cert-file", "/nonexistent.pem"], &[keys]),
+        1,
+        "--tls-key-file",
+    );
+    expect_exit(&serve(&[], &[plaintext]), 1, "no encryption keys");
+    expect_exit(
+        &serve(&["--limit-rate", "0"], &[keys, plaintext]),
+        1,
+        "limit-rate",
+    );
 }

@@ -72,6 +72,17 @@ impl Drop for TestApp {
     }
 }
 
+/// Limits high enough never to interfere with a test that is not about them.
+pub fn generous_limits(metrics: &keel_server::Metrics) -> keel_limits::LimitsLayer {
+    let config = keel_limits::LimitsConfig {
+        rate: 1_000_000,
+        burst: 1_000_000,
+        concurrency: 10_000,
+        ..Default::default()
+    };
+    keel_limits::LimitsLayer::new(&config, metrics).expect("valid limits")
+}
+
 pub fn key_ring(spec: &str) -> Arc<KeyRing> {
     Arc::new(KeyRing::parse(&SecretString::from(spec.to_owned())).expect("key ring"))
 }
@@ -116,12 +127,12 @@ impl TestApp {
             grpc_listener.local_addr().expect("addr"),
             http_listener.local_addr().expect("addr"),
         );
-        let listen = ListenConfig {
-            grpc,
-            http,
-            shutdown_grace: Duration::from_secs(1),
-        };
+        let mut listen = ListenConfig::plaintext(grpc, http);
+        listen.shutdown_grace = Duration::from_secs(1);
+        // The secret-leak test scrapes /metrics without a token.
+        listen.metrics_anonymous = true;
         let mut server = keel_server::Server::new(&listen);
+        let limits = generous_limits(server.metrics());
         server.register_service(SERVICE_NAME);
         let registry = Registry::new(
             pool.clone(),
@@ -130,8 +141,11 @@ impl TestApp {
                 check_timeout: Duration::from_secs(3),
             },
         );
-        let routes =
-            tonic::service::Routes::new(keel_registry::grpc_service(registry, keys.clone()));
+        let routes = tonic::service::Routes::new(keel_registry::grpc_service(
+            registry,
+            keys.clone(),
+            &limits,
+        ));
         let shutdown = stop.clone();
         tokio::spawn(async move {
             let _ = server
@@ -257,6 +271,15 @@ pub fn pg_instance(name: &str, url: &str) -> Instance {
     Instance {
         name: name.into(),
         engine: Engine::Postgres as i32,
+        connection_url: url.into(),
+        ..Default::default()
+    }
+}
+
+pub fn redis_instance(name: &str, url: &str) -> Instance {
+    Instance {
+        name: name.into(),
+        engine: Engine::Redis as i32,
         connection_url: url.into(),
         ..Default::default()
     }
