@@ -21,6 +21,10 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin keel
 COPY --from=build /usr/local/bin/keel /usr/local/bin/keel
 # Inside a container the listeners must not be on loopback only.
+# `keel serve` refuses to start without TLS: mount a PEM certificate and key and set
+# KEEL_TLS_CERT_FILE and KEEL_TLS_KEY_FILE (helm/keel does), or KEEL_ALLOW_PLAINTEXT=true on a
+# network you trust (deploy/compose.yaml, a laptop). /metrics answers 401 until
+# KEEL_METRICS_TOKEN_FILE names a file holding the bearer token scrapers must send.
 ENV KEEL_GRPC_LISTEN=0.0.0.0:50051 \
     KEEL_HTTP_LISTEN=0.0.0.0:9090
 EXPOSE 50051 9090

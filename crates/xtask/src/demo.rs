@@ -1,14 +1,16 @@
 //! `cargo xtask demo [--once]`: Keel on a laptop, from nothing to a registered, checked instance.
 //!
 //! setup → `cargo build -p keel` → PostgreSQL and NATS (see [`backing`]) → an admin API key →
-//! `keel serve --target all` in the background → wait for /readyz → register and check the local
-//! PostgreSQL → keep serving until Ctrl-C (or stop at once with `--once`).
+//! `keel serve --target all` in the background, plaintext on loopback, /metrics behind a fresh
+//! token → wait for /readyz → register and check the local PostgreSQL → keep serving until
+//! Ctrl-C (or stop at once with `--once`).
 
 mod background;
 mod backing;
 mod net;
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -50,8 +52,8 @@ pub(crate) fn run(options: Options) -> Result<ExitCode> {
     if !bin.is_file() {
         bail!("`cargo build -p keel` left no binary at {}", bin.display());
     }
-    let http = local_addr("KEEL_HTTP_LISTEN", "127.0.0.1:9090");
-    let grpc = local_addr("KEEL_GRPC_LISTEN", "127.0.0.1:50051");
+    let http = loopback_addr("KEEL_HTTP_LISTEN", "127.0.0.1:9090")?;
+    let grpc = loopback_addr("KEEL_GRPC_LISTEN", "127.0.0.1:50051")?;
     for addr in [&http, &grpc] {
         if net::answers(addr) {
             bail!(
@@ -75,7 +77,24 @@ pub(crate) fn run(options: Options) -> Result<ExitCode> {
     if let Some(keys) = encryption_keys(&demo_dir)? {
         env.push(("KEEL_ENCRYPTION_KEYS", keys));
     }
-    let keel = Keel { bin, env };
+    let metrics_token = metrics_token_file(&demo_dir)?;
+    let serve_env = vec![
+        ("KEEL_GRPC_LISTEN", grpc.clone()),
+        ("KEEL_HTTP_LISTEN", http.clone()),
+        // Plaintext is safe here only because both listeners are on loopback (checked by
+        // `loopback_addr`): nothing off this machine can reach them. Never copy this to a
+        // server; give keel KEEL_TLS_CERT_FILE and KEEL_TLS_KEY_FILE there.
+        ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
+        (
+            "KEEL_METRICS_TOKEN_FILE",
+            metrics_token.display().to_string(),
+        ),
+    ];
+    let keel = Keel {
+        bin,
+        env,
+        serve_env,
+    };
 
     // Key names are unique per tenant, and the database may be reused from an earlier demo.
     let key_name = format!("demo-{}", unix_seconds());
@@ -99,9 +118,10 @@ pub(crate) fn run(options: Options) -> Result<ExitCode> {
         &api_key[..api_key.len().min(9)]
     ));
 
-    let serve = keel.command(&["serve", "--target", "all"]);
-    let mut server = Background::spawn("keel", serve, &demo_dir.join("keel.log"), Stop::Term)?;
+    let mut server =
+        Background::spawn("keel", keel.serve(), &demo_dir.join("keel.log"), Stop::Term)?;
     wait_ready(&mut server, &http)?;
+    check_metrics_token(&http, &metrics_token)?;
 
     let with_key = |args: &[&str]| {
         let mut c = keel.command(args);
@@ -140,7 +160,7 @@ pub(crate) fn run(options: Options) -> Result<ExitCode> {
     .flatten()
     .map(Background::log)
     .collect();
-    print_next_steps(&keel, &api_key, &http, &grpc, &logs);
+    print_next_steps(&keel, &api_key, &http, &grpc, &metrics_token, &logs);
     if options.once {
         cmd::step("--once: stopping keel and the servers this demo started");
         return Ok(ExitCode::SUCCESS);
@@ -154,12 +174,23 @@ pub(crate) fn run(options: Options) -> Result<ExitCode> {
     }
 }
 
-/// The keel binary and the environment every invocation gets.
+/// The keel binary, the environment every invocation gets, and what `keel serve` gets on top.
 #[derive(Debug)]
 struct Keel {
     bin: PathBuf,
     env: Vec<(&'static str, String)>,
+    serve_env: Vec<(&'static str, String)>,
 }
+
+/// Settings of `keel serve` that the demo's own would contradict if inherited from the shell:
+/// TLS (the demo probes plain HTTP) and anonymous metrics (the demo sets a token).
+const SERVE_ENV_REMOVED: [&str; 5] = [
+    "KEEL_TLS_CERT_FILE",
+    "KEEL_TLS_KEY_FILE",
+    "KEEL_TLS_CLIENT_CA_FILE",
+    "KEEL_TLS_CLIENT_AUTH",
+    "KEEL_METRICS_ANONYMOUS",
+];
 
 impl Keel {
     fn command(&self, args: &[&str]) -> Command {
@@ -167,6 +198,16 @@ impl Keel {
         c.args(args)
             .current_dir(cmd::root())
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// `keel serve --target all` with the demo's listener and metrics settings.
+    fn serve(&self) -> Command {
+        let mut c = self.command(&["serve", "--target", "all"]);
+        for name in SERVE_ENV_REMOVED {
+            c.env_remove(name);
+        }
+        c.envs(self.serve_env.iter().map(|(k, v)| (k, v)));
         c
     }
 }
@@ -197,7 +238,7 @@ fn wait_ready(server: &mut Background, http: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         server.check_running()?;
-        let last = match net::http_get_status(http, "/readyz") {
+        let last = match net::http_get_status(http, "/readyz", None) {
             Ok(200) => return Ok(()),
             Ok(code) => format!("status {code}"),
             Err(e) => e.to_string(),
@@ -212,11 +253,47 @@ fn wait_ready(server: &mut Background, http: &str) -> Result<()> {
     }
 }
 
-/// Where to reach a listener configured by `var` (a wildcard address means this host).
-fn local_addr(var: &str, default: &str) -> String {
-    let addr = env(var).unwrap_or_else(|| default.to_owned());
-    addr.replace("0.0.0.0:", "127.0.0.1:")
-        .replace("[::]:", "[::1]:")
+/// The listener address `var` names (else `default`), refused unless it is on loopback: the demo
+/// serves plaintext, which must not be reachable from another machine.
+fn loopback_addr(var: &str, default: &str) -> Result<String> {
+    let raw = env(var).unwrap_or_else(|| default.to_owned());
+    let addr: SocketAddr = raw
+        .parse()
+        .with_context(|| format!("{var}={raw:?} is not an address such as {default}"))?;
+    if !addr.ip().is_loopback() {
+        bail!(
+            "{var}={raw}: the demo serves plaintext (KEEL_ALLOW_PLAINTEXT), so it listens on \
+             loopback only; use e.g. {default}"
+        );
+    }
+    Ok(addr.to_string())
+}
+
+/// A fresh random bearer token for /metrics in `<demo>/metrics-token` (mode 0600), new each run.
+fn metrics_token_file(demo_dir: &Path) -> Result<PathBuf> {
+    let file = demo_dir.join("metrics-token");
+    let token = hex(&random_bytes::<32>()?);
+    write_private(&file, &token)?;
+    cmd::step(format!("metrics token: generated {}", file.display()));
+    Ok(file)
+}
+
+/// /metrics must refuse a caller without the token and answer one with it.
+fn check_metrics_token(http: &str, token_file: &Path) -> Result<()> {
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("cannot read {}", token_file.display()))?;
+    let anonymous = net::http_get_status(http, "/metrics", None)?;
+    let with_token = net::http_get_status(http, "/metrics", Some(token.trim()))?;
+    if anonymous != 401 || with_token != 200 {
+        bail!(
+            "GET http://{http}/metrics answered {anonymous} without the token and {with_token} \
+             with it (expected 401 and 200)"
+        );
+    }
+    cmd::step(format!(
+        "GET http://{http}/metrics: 401 without the token, 200 with it"
+    ));
+    Ok(())
 }
 
 /// `KEEL_ENCRYPTION_KEYS`, else the demo's own key, made once and kept in `<demo>/encryption-keys`
@@ -237,28 +314,36 @@ fn encryption_keys(demo_dir: &Path) -> Result<Option<String>> {
         cmd::step(format!("encryption key: reusing {}", file.display()));
         return Ok(Some(keys.trim().to_owned()));
     }
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("cannot read /dev/urandom")?;
-    let keys = format!("demo1:{}", base64(&bytes));
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&file)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-        writeln!(f, "{keys}")?;
-    }
+    let keys = format!("demo1:{}", base64(&random_bytes::<32>()?));
+    write_private(&file, &keys)?;
     cmd::step(format!(
         "encryption key: generated demo1 in {}",
         file.display()
     ));
     Ok(Some(keys))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    Ok(bytes)
+}
+
+/// Writes `line` and a newline to `file`, readable by its owner only.
+fn write_private(file: &Path, line: &str) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    // `mode` applies only to a new file: tighten one left by an older demo too.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    writeln!(f, "{line}").with_context(|| format!("cannot write {}", file.display()))
 }
 
 fn unix_seconds() -> u64 {
@@ -267,7 +352,14 @@ fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn print_next_steps(keel: &Keel, api_key: &str, http: &str, grpc: &str, logs: &[&Path]) {
+fn print_next_steps(
+    keel: &Keel,
+    api_key: &str,
+    http: &str,
+    grpc: &str,
+    metrics_token: &Path,
+    logs: &[&Path],
+) {
     let bin = keel.bin.display();
     let env: String = keel
         .env
@@ -278,6 +370,7 @@ fn print_next_steps(keel: &Keel, api_key: &str, http: &str, grpc: &str, logs: &[
     eprintln!(
         "
 keel is serving: gRPC {grpc}, HTTP http://{http} (/healthz, /readyz, /metrics)
+in plaintext (KEEL_ALLOW_PLAINTEXT), which is why it listens on loopback only
 logs: {logs}
 
 What to try next, in another shell:
@@ -287,7 +380,9 @@ What to try next, in another shell:
   keel instance ls                 # the fleet
   keel instance check local-pg     # probe it now
   curl -s http://{http}/readyz
+  curl -s -H \"Authorization: Bearer $(cat {token})\" http://{http}/metrics | head
 ",
+        token = metrics_token.display(),
         logs = logs
             .iter()
             .map(|l| l.display().to_string())
@@ -308,6 +403,11 @@ fn json_string_field(json: &str, field: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Lowercase hexadecimal.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Standard base64 with padding.
@@ -343,6 +443,26 @@ mod tests {
         check("foo", "Zm9v");
         check("foobar", "Zm9vYmFy");
         assert_eq!(base64(&[0xff; 32]).len(), 44);
+    }
+
+    #[test]
+    fn encodes_hex() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+    }
+
+    #[test]
+    fn listens_on_loopback_only() {
+        // Defaults only: these tests must not depend on the caller's KEEL_*_LISTEN.
+        let check = |addr: &str| loopback_addr("KEEL_XTASK_TEST_UNSET_LISTEN", addr);
+        assert_eq!(
+            check("127.0.0.1:9090").ok().as_deref(),
+            Some("127.0.0.1:9090")
+        );
+        assert_eq!(check("[::1]:9090").ok().as_deref(), Some("[::1]:9090"));
+        assert!(check("0.0.0.0:9090").is_err());
+        assert!(check("192.0.2.1:9090").is_err());
+        assert!(check("localhost").is_err());
     }
 
     #[test]

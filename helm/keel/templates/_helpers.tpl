@@ -63,6 +63,73 @@ app.kubernetes.io/component: {{ .name }}
 /var/run/secrets/keel
 {{- end -}}
 
+{{/* The TLS certificate, key and client CA are projected into this directory. */}}
+{{- define "keel.tlsDir" -}}
+/var/run/secrets/keel-tls
+{{- end -}}
+
+{{/*
+Settings that contradict each other, or that would leave keel unable to start or /metrics
+unscrapable, fail the render with what to change. Renders nothing.
+*/}}
+{{- define "keel.validate" -}}
+{{- $v := .Values -}}
+{{- $_ := required "secrets.existingSecret is required: the name of a Secret holding the database URL and the encryption keys" $v.secrets.existingSecret -}}
+{{- if $v.tls.enabled -}}
+{{- if not $v.tls.existingSecret -}}
+{{- fail "tls.existingSecret is required while tls.enabled is true: the name of a Secret of type kubernetes.io/tls (tls.crt, tls.key) in the release namespace, e.g. one cert-manager issues. To serve without TLS on a network you trust, set tls.enabled=false and tls.allowPlaintext=true" -}}
+{{- end -}}
+{{- else -}}
+{{- if not $v.tls.allowPlaintext -}}
+{{- fail "tls.enabled=false would serve gRPC and HTTP in plaintext, where anyone on the network can read API keys, database credentials and the metrics token. Set tls.existingSecret and keep tls.enabled=true, or confirm with tls.allowPlaintext=true (only on a network you trust entirely)" -}}
+{{- end -}}
+{{- if $v.tls.clientCA.existingSecret -}}
+{{- fail "tls.clientCA.existingSecret needs TLS: set tls.enabled=true and tls.existingSecret, or empty tls.clientCA.existingSecret" -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.metrics.anonymous $v.metrics.tokenSecret.name -}}
+{{- fail "metrics.anonymous=true contradicts metrics.tokenSecret.name: set only one of them" -}}
+{{- end -}}
+{{- if and $v.monitoring.serviceMonitor.enabled (not $v.metrics.tokenSecret.name) (not $v.metrics.anonymous) -}}
+{{- fail "monitoring.serviceMonitor.enabled needs metrics.tokenSecret.name (the Secret holding the bearer token Prometheus sends): without a token keel answers 401 on /metrics. Or set metrics.anonymous=true to serve /metrics to anyone" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "https" while TLS is on, else "http". */}}
+{{- define "keel.scheme" -}}
+{{- ternary "https" "http" .Values.tls.enabled -}}
+{{- end -}}
+
+{{/*
+The projected sources of the TLS volume: certificate and key from the kubernetes.io/tls Secret,
+and the optional client CA. Mounted without subPath, so renewals reach the running pods.
+*/}}
+{{- define "keel.tlsSources" -}}
+{{- $tls := .Values.tls -}}
+- secret:
+    name: {{ $tls.existingSecret }}
+    items:
+      - { key: tls.crt, path: tls.crt }
+      - { key: tls.key, path: tls.key }
+{{- with $tls.clientCA }}
+{{- if .existingSecret }}
+- secret:
+    name: {{ .existingSecret }}
+    items:
+      - { key: {{ .key | quote }}, path: client-ca.crt }
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A number or size as an env value: YAML numbers arrive as floats, so print them as integers. */}}
+{{- define "keel.envNumber" -}}
+{{- if kindIs "string" . -}}
+{{- . | quote -}}
+{{- else -}}
+{{- . | int64 | toString | quote -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 The projected sources of the secrets volume: the key ring, and the optional bootstrap admin key,
 metrics token and NATS credentials, each from its existing Secret.
@@ -81,10 +148,10 @@ metrics token and NATS credentials, each from its existing Secret.
       - { key: {{ .key | quote }}, path: bootstrap-admin-key }
 {{- end }}
 {{- end }}
-{{- with $v.secrets.metricsToken }}
-{{- if .existingSecret }}
+{{- with $v.metrics.tokenSecret }}
+{{- if .name }}
 - secret:
-    name: {{ .existingSecret }}
+    name: {{ .name }}
     items:
       - { key: {{ .key | quote }}, path: metrics-token }
 {{- end }}
@@ -102,7 +169,8 @@ metrics token and NATS credentials, each from its existing Secret.
 {{/*
 The environment of one target's container. Call with (dict "root" $ "name" "registry" "target" $t).
 Secrets only by reference: the database URL from its Secret, the rest as files (the _FILE
-settings). Services find each other through KEEL_<TARGET>_ENDPOINT.
+settings). KEEL_<TARGET>_ENDPOINT and KEEL_RUNBOOKS_DIR are passed ahead of keel reading them
+(see README.md): services will find each other and the runbooks through them.
 */}}
 {{- define "keel.env" -}}
 {{- $root := .root -}}
@@ -121,10 +189,38 @@ settings). Services find each other through KEEL_<TARGET>_ENDPOINT.
 - name: KEEL_BOOTSTRAP_TENANT
   value: {{ $v.secrets.bootstrapAdminKey.tenant | quote }}
 {{- end }}
-{{- if $v.secrets.metricsToken.existingSecret }}
+{{- if $v.tls.enabled }}
+- name: KEEL_TLS_CERT_FILE
+  value: {{ include "keel.tlsDir" $root }}/tls.crt
+- name: KEEL_TLS_KEY_FILE
+  value: {{ include "keel.tlsDir" $root }}/tls.key
+{{- if $v.tls.clientCA.existingSecret }}
+- name: KEEL_TLS_CLIENT_CA_FILE
+  value: {{ include "keel.tlsDir" $root }}/client-ca.crt
+- name: KEEL_TLS_CLIENT_AUTH
+  value: {{ $v.tls.clientCA.mode | quote }}
+{{- end }}
+{{- else if $v.tls.allowPlaintext }}
+- name: KEEL_ALLOW_PLAINTEXT
+  value: "true"
+{{- end }}
+{{- if $v.metrics.tokenSecret.name }}
 - name: KEEL_METRICS_TOKEN_FILE
   value: {{ include "keel.secretsDir" $root }}/metrics-token
+{{- else if $v.metrics.anonymous }}
+- name: KEEL_METRICS_ANONYMOUS
+  value: "true"
 {{- end }}
+- name: KEEL_LIMIT_RATE
+  value: {{ include "keel.envNumber" $v.limits.rate }}
+- name: KEEL_LIMIT_BURST
+  value: {{ include "keel.envNumber" $v.limits.burst }}
+- name: KEEL_LIMIT_CONCURRENCY
+  value: {{ include "keel.envNumber" $v.limits.concurrency }}
+- name: KEEL_LIMIT_MESSAGE_BYTES
+  value: {{ include "keel.envNumber" $v.limits.messageBytes }}
+- name: KEEL_LIMIT_STREAM_DURATION
+  value: {{ $v.limits.streamDuration | quote }}
 - name: KEEL_NATS_URL
   value: {{ $v.nats.url | quote }}
 {{- if $v.nats.credentials.existingSecret }}
@@ -148,7 +244,7 @@ settings). Services find each other through KEEL_<TARGET>_ENDPOINT.
 {{- range $other, $t := $v.targets }}
 {{- if $t.enabled }}
 - name: KEEL_{{ upper $other }}_ENDPOINT
-  value: "http://{{ include "keel.targetFullname" (dict "root" $root "name" $other) }}:{{ $v.service.grpcPort }}"
+  value: "{{ include "keel.scheme" $root }}://{{ include "keel.targetFullname" (dict "root" $root "name" $other) }}:{{ $v.service.grpcPort }}"
 {{- end }}
 {{- end }}
 {{- if eq .name "remediation" }}

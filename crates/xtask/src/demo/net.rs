@@ -1,5 +1,5 @@
 //! Just enough networking to tell whether a server answers: a TCP probe, NATS's INFO line and a
-//! handwritten HTTP/1.0 GET.
+//! handwritten HTTP/1.0 GET (plain HTTP: the demo's keel listens on loopback without TLS).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -41,12 +41,16 @@ fn info_has_jetstream(info: &str) -> bool {
     info.starts_with("INFO ") && info.replace(' ', "").contains("\"jetstream\":true")
 }
 
-/// `GET http://{addr}{path}` over HTTP/1.0; returns the status code.
-pub(crate) fn http_get_status(addr: &str, path: &str) -> Result<u16> {
+/// `GET http://{addr}{path}` over HTTP/1.0, with `authorization: Bearer {token}` when a token is
+/// given; returns the status code.
+pub(crate) fn http_get_status(addr: &str, path: &str, bearer: Option<&str>) -> Result<u16> {
     let mut stream = connect(addr)?;
+    let authorization = bearer
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n"
     )?;
     let mut head = Vec::new();
     stream.take(512).read_to_end(&mut head)?;
