@@ -117,6 +117,29 @@ pub(crate) struct ClientArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     pub(crate) output: Output,
+    /// CA certificate (PEM) that signed the server's certificate; without it an https://
+    /// endpoint is verified against the public web roots.
+    #[arg(long = "tls-ca-file", env = "KEEL_TLS_CA_FILE", global = true)]
+    pub(crate) tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require mutual TLS.
+    #[arg(
+        long = "tls-client-cert-file",
+        env = "KEEL_TLS_CLIENT_CERT_FILE",
+        global = true,
+        requires = "tls_client_key_file"
+    )]
+    pub(crate) tls_client_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(
+        long = "tls-client-key-file",
+        env = "KEEL_TLS_CLIENT_KEY_FILE",
+        global = true,
+        requires = "tls_client_cert_file"
+    )]
+    pub(crate) tls_client_key_file: Option<PathBuf>,
+    /// Name the server certificate must carry, when it differs from the endpoint's host.
+    #[arg(long = "tls-server-name", env = "KEEL_TLS_SERVER_NAME", global = true)]
+    pub(crate) tls_server_name: Option<String>,
 }
 
 /// How results are printed.

@@ -5,7 +5,7 @@ use keel_proto::v1::registry_service_client::RegistryServiceClient;
 use secrecy::ExposeSecret;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::cli::ClientArgs;
 
@@ -28,6 +28,34 @@ impl tonic::service::Interceptor for Credentials {
     }
 }
 
+/// TLS settings for an https:// endpoint; `None` for http://.
+fn tls_config(args: &ClientArgs) -> anyhow::Result<Option<ClientTlsConfig>> {
+    let wants_tls = args.tls_ca_file.is_some() || args.tls_client_cert_file.is_some();
+    if !args.endpoint.starts_with("https://") {
+        anyhow::ensure!(
+            !wants_tls,
+            "TLS settings are set but the endpoint {} is not https://; use https://",
+            args.endpoint
+        );
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let mut tls = ClientTlsConfig::new();
+    tls = match &args.tls_ca_file {
+        Some(path) => tls.ca_certificate(Certificate::from_pem(read(path)?)),
+        None => tls.with_webpki_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&args.tls_client_cert_file, &args.tls_client_key_file) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(name) = &args.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    Ok(Some(tls))
+}
+
 pub(crate) type Registry = RegistryServiceClient<InterceptedService<Channel, Credentials>>;
 
 /// Connects to the registry named by `args`.
@@ -46,22 +74,26 @@ pub(crate) async fn registry(args: &ClientArgs) -> anyhow::Result<Registry> {
             )
         })?;
     authorization.set_sensitive(true);
-    let channel = Endpoint::from_shared(args.endpoint.clone())
+    let mut endpoint = Endpoint::from_shared(args.endpoint.clone())
         .with_context(|| {
             format!(
-                "invalid endpoint {:?}; expected e.g. http://127.0.0.1:50051",
+                "invalid endpoint {:?}; expected e.g. https://keel.example:50051",
                 args.endpoint
             )
         })?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach Keel at {}; is `keel serve` running?",
-                args.endpoint
-            )
-        })?;
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if let Some(tls) = tls_config(args)? {
+        endpoint = endpoint.tls_config(tls).context("cannot set up TLS")?;
+    }
+    let channel = endpoint.connect().await.map_err(|error| {
+        // The transport error's own text is only "transport error": the cause is in its sources.
+        let cause = crate::causes(&error);
+        // UNAVAILABLE, so scripts get the exit code for "retry later".
+        tonic::Status::unavailable(format!(
+            "cannot reach Keel at {}{cause}; is `keel serve` running, and do the TLS settings match?",
+            args.endpoint
+        ))
+    })?;
     Ok(RegistryServiceClient::with_interceptor(
         channel,
         Credentials { authorization },

@@ -34,6 +34,27 @@ fn free_port() -> u16 {
 
 impl Keel {
     async fn start(env: &keel_testkit::TestEnv) -> Keel {
+        let keel = Self::spawn(env, &[("KEEL_ALLOW_PLAINTEXT", "true".to_owned())]).await;
+        keel.wait_ready(keel.http_port()).await;
+        keel
+    }
+
+    fn http_port(&self) -> u16 {
+        let listen = &self
+            .env
+            .iter()
+            .find(|(k, _)| *k == "KEEL_HTTP_LISTEN")
+            .expect("http listen")
+            .1;
+        listen
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+
+    /// Starts `keel serve` with the test's servers, plus `extra` settings (which win).
+    async fn spawn(env: &keel_testkit::TestEnv, extra: &[(&'static str, String)]) -> Keel {
         let db = env.database().await.expect("database");
         let nats = env.nats_url().await.expect("nats");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -53,9 +74,12 @@ impl Keel {
             ),
             ("KEEL_BOOTSTRAP_TENANT", "acme".to_owned()),
             ("KEEL_SHUTDOWN_GRACE", "2s".to_owned()),
-            // Loopback only; TLS has its own tests in keel-server.
-            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
         ];
+        let mut env = env;
+        for (name, value) in extra {
+            env.retain(|(k, _)| k != name);
+            env.push((name, value.clone()));
+        }
         let log = dir.path().join("serve.log");
         let server = Command::new(KEEL)
             .arg("serve")
@@ -64,14 +88,12 @@ impl Keel {
             .stderr(std::fs::File::create(dir.path().join("serve.err")).expect("log"))
             .spawn()
             .expect("spawn keel serve");
-        let keel = Keel {
+        Keel {
             server,
             log,
             env,
             _dir: dir,
-        };
-        keel.wait_ready(http).await;
-        keel
+        }
     }
 
     async fn wait_ready(&self, http: u16) {
@@ -383,4 +405,114 @@ fn serve_refuses_bad_configuration_before_connecting() {
         1,
         "limit-rate",
     );
+}
+
+/// A CA with a server certificate for localhost and a client certificate, written as PEM files.
+fn write_pki(dir: &std::path::Path) -> [PathBuf; 5] {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>, usage| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("params");
+        params.extended_key_usages = vec![usage];
+        (
+            params.signed_by(&key, &issuer).expect("cert").pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) =
+        leaf(vec!["keel-cli".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    let files = [
+        "ca.pem",
+        "server.pem",
+        "server.key",
+        "client.pem",
+        "client.key",
+    ]
+    .map(|f| dir.join(f));
+    for (path, pem) in files.iter().zip([
+        ca_cert.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    ]) {
+        std::fs::write(path, pem).expect("write pem");
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_mutual_tls_with_a_ca_file() {
+    let env = keel_testkit::TestEnv::new();
+    let pki_dir = tempfile::tempdir().expect("tempdir");
+    let [ca, server_cert, server_key, client_cert, client_key] = write_pki(pki_dir.path());
+    let path = |p: &PathBuf| p.display().to_string();
+    let keel = Keel::spawn(
+        &env,
+        &[
+            ("KEEL_TLS_CERT_FILE", path(&server_cert)),
+            ("KEEL_TLS_KEY_FILE", path(&server_key)),
+            ("KEEL_TLS_CLIENT_CA_FILE", path(&ca)),
+            ("KEEL_TLS_CLIENT_AUTH", "required".to_owned()),
+        ],
+    )
+    .await;
+    let https = keel
+        .env
+        .iter()
+        .find(|(k, _)| *k == "KEEL_ENDPOINT")
+        .expect("endpoint")
+        .1
+        .replace("http://127.0.0.1", "https://localhost");
+    let ls = |extra: &[&str]| {
+        let mut args = vec!["instance", "ls", "--endpoint", https.as_str()];
+        args.extend_from_slice(extra);
+        keel.cli(Some(BOOTSTRAP_KEY), &args)
+    };
+    let with_cert = [
+        "--tls-ca-file",
+        ca.to_str().expect("utf8"),
+        "--tls-client-cert-file",
+        client_cert.to_str().expect("utf8"),
+        "--tls-client-key-file",
+        client_key.to_str().expect("utf8"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ls(&with_cert).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "no TLS answer; log:\n{}\n{:?}",
+            keel.logs(),
+            ls(&with_cert)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Without a client certificate, or without trusting the CA, the call never reaches Keel.
+    expect_exit(
+        &ls(&["--tls-ca-file", ca.to_str().expect("utf8")]),
+        7,
+        "TLS settings",
+    );
+    expect_exit(&ls(&[]), 7, "TLS settings");
+    let plain = keel.cli(
+        Some(BOOTSTRAP_KEY),
+        &[
+            "instance",
+            "ls",
+            "--tls-ca-file",
+            ca.to_str().expect("utf8"),
+        ],
+    );
+    expect_exit(&plain, 1, "is not https://");
 }
