@@ -4,10 +4,11 @@
 //! variable, so a binary declares all its configuration in one place by flattening
 //! the groups it needs, and calls `validate` on them before doing anything else.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
 
 /// A setting that cannot be used, with what to change.
@@ -194,6 +195,22 @@ pub struct ListenConfig {
     /// Serve /metrics to anyone, without a token. /healthz and /readyz are always open.
     #[arg(long = "metrics-anonymous", env = "KEEL_METRICS_ANONYMOUS", value_parser = clap::builder::BoolishValueParser::new())]
     pub metrics_anonymous: bool,
+    /// Networks of the reverse proxies and load balancers in front of the HTTP listener, as
+    /// comma-separated CIDRs (e.g. `10.0.0.0/8,192.168.1.10`; a bare address is one host). Only a
+    /// connection from one of them may name the client in `X-Forwarded-For`; from anywhere else
+    /// the header is ignored, since any client can send it. Empty: trust no proxy.
+    #[arg(
+        long = "trusted-proxies",
+        env = "KEEL_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR,..."
+    )]
+    pub trusted_proxies: Vec<String>,
+    /// Largest request body the HTTP listener accepts, in bytes or with a unit (`256KiB`, `1MiB`,
+    /// `1MB`). Larger bodies are refused with 413 Payload Too Large: at once when the declared
+    /// Content-Length is larger, otherwise as soon as that many bytes have arrived.
+    #[arg(long = "http-body-limit", env = "KEEL_HTTP_BODY_LIMIT", default_value = "1MiB", value_parser = parse_byte_size)]
+    pub http_body_limit: usize,
 }
 
 /// Whether gRPC clients must present a certificate.
@@ -243,10 +260,16 @@ const TLS_CLIENT_CA: &str = "--tls-client-ca-file / KEEL_TLS_CLIENT_CA_FILE";
 const TLS_CLIENT_AUTH: &str = "--tls-client-auth / KEEL_TLS_CLIENT_AUTH";
 const METRICS_TOKEN: &str = "--metrics-token-file / KEEL_METRICS_TOKEN_FILE";
 const METRICS_ANONYMOUS: &str = "--metrics-anonymous / KEEL_METRICS_ANONYMOUS";
+const TRUSTED_PROXIES: &str = "--trusted-proxies / KEEL_TRUSTED_PROXIES";
+const HTTP_BODY_LIMIT: &str = "--http-body-limit / KEEL_HTTP_BODY_LIMIT";
+
+/// The default of `--http-body-limit`: 1 MiB, far more than an Alertmanager notification needs.
+pub const DEFAULT_HTTP_BODY_LIMIT: usize = 1024 * 1024;
 
 impl ListenConfig {
     /// Listeners on `grpc` and `http` without TLS (plaintext explicitly allowed), with the default
-    /// 20 s shutdown grace and `/metrics` closed until a token or anonymous access is set.
+    /// 20 s shutdown grace, `/metrics` closed until a token or anonymous access is set, no trusted
+    /// proxy and the default 1 MiB body limit.
     pub fn plaintext(grpc: SocketAddr, http: SocketAddr) -> Self {
         Self {
             grpc,
@@ -259,6 +282,8 @@ impl ListenConfig {
             allow_plaintext: true,
             metrics_token_file: None,
             metrics_anonymous: false,
+            trusted_proxies: Vec::new(),
+            http_body_limit: DEFAULT_HTTP_BODY_LIMIT,
         }
     }
 
@@ -278,8 +303,9 @@ impl ListenConfig {
         }
     }
 
-    /// Checks that TLS is configured completely, or plaintext explicitly allowed, and that the
-    /// metrics settings do not contradict each other. Reads no file.
+    /// Checks that TLS is configured completely, or plaintext explicitly allowed, that the
+    /// metrics settings do not contradict each other, that every trusted proxy network is a CIDR
+    /// and that the body limit is not zero. Reads no file.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.tls_settings()?;
         if self.metrics_anonymous && self.metrics_token_file.is_some() {
@@ -288,7 +314,53 @@ impl ListenConfig {
                 reason: format!("contradicts {METRICS_TOKEN}; set only one of them"),
             });
         }
+        self.trusted_proxy_networks()?;
+        if self.http_body_limit == 0 {
+            return Err(ConfigError::Invalid {
+                setting: HTTP_BODY_LIMIT,
+                reason: "must be at least 1 byte; the default is 1MiB".into(),
+            });
+        }
         Ok(())
+    }
+
+    /// The networks in `trusted_proxies`, parsed. Blank entries (as a trailing comma leaves) are
+    /// skipped; a bare address is a network of that one host. A network with bits set past its
+    /// prefix (`10.0.0.1/8`) is refused rather than guessed at: it is either a typo for a single
+    /// host or for the whole network, and the two trust very different sets of peers.
+    pub fn trusted_proxy_networks(&self) -> Result<Vec<IpNet>, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            setting: TRUSTED_PROXIES,
+            reason,
+        };
+        let mut networks = Vec::new();
+        for entry in &self.trusted_proxies {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                continue;
+            }
+            let network = match (entry.parse::<IpNet>(), entry.parse::<IpAddr>()) {
+                (Ok(network), _) => network,
+                (Err(_), Ok(host)) => IpNet::from(host),
+                (Err(_), Err(_)) => {
+                    return Err(invalid(format!(
+                        "{entry:?} is not a CIDR; write e.g. 10.0.0.0/8, 192.168.1.10 or \
+                         fd00::/8, separated by commas"
+                    )));
+                }
+            };
+            if network.trunc() != network {
+                return Err(invalid(format!(
+                    "{entry:?} has bits set past its /{prefix} prefix; write {network_only} for \
+                     the whole network or {host} for the single host",
+                    prefix = network.prefix_len(),
+                    network_only = network.trunc(),
+                    host = network.addr(),
+                )));
+            }
+            networks.push(network);
+        }
+        Ok(networks)
     }
 
     /// The TLS settings, or `None` when the listeners serve plaintext (only if allowed).
@@ -442,6 +514,36 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// Parses byte sizes such as `1048576`, `512B`, `256KiB`, `1MiB`, `1GiB`, or in powers of 1000
+/// `500kB`, `1MB`, `1GB`; `k`, `m` and `g` alone are KiB, MiB and GiB, as in nginx. Units are
+/// case-insensitive; a space may separate number and unit.
+pub fn parse_byte_size(raw: &str) -> Result<usize, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size; write bytes, or e.g. 256KiB, 1MiB or 1MB"))?;
+    let multiplier: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {raw:?}; use B, KiB, MiB, GiB, kB, MB or GB"
+            ));
+        }
+    };
+    value
+        .checked_mul(multiplier)
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .ok_or_else(|| format!("{raw:?} is too large"))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
@@ -455,6 +557,25 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn byte_sizes_parse_with_units() {
+        assert_eq!(parse_byte_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_byte_size("512B"), Ok(512));
+        assert_eq!(parse_byte_size("256KiB"), Ok(256 << 10));
+        assert_eq!(parse_byte_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_byte_size("1 mib"), Ok(1 << 20));
+        assert_eq!(parse_byte_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_byte_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_byte_size("500kB"), Ok(500_000));
+        assert_eq!(parse_byte_size("1MB"), Ok(1_000_000));
+        assert!(parse_byte_size("MiB").is_err());
+        assert!(parse_byte_size("-1").is_err());
+        assert!(parse_byte_size("1.5MiB").is_err());
+        assert!(parse_byte_size("1 parsec").is_err());
+        assert!(parse_byte_size("99999999999999999999GiB").is_err());
+        assert!(parse_byte_size("18446744073709551615GiB").is_err());
     }
 
     #[test]
@@ -609,6 +730,51 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn trusted_proxies_are_cidrs() {
+        let mut config = ListenConfig::plaintext(addr(1), addr(2));
+        assert!(config.trusted_proxy_networks().unwrap().is_empty());
+
+        config.trusted_proxies = vec![
+            "10.0.0.0/8".into(),
+            " 192.168.1.10 ".into(),
+            "fd00::/8".into(),
+            String::new(),
+        ];
+        config.validate().unwrap();
+        let networks: Vec<String> = config
+            .trusted_proxy_networks()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(networks, ["10.0.0.0/8", "192.168.1.10/32", "fd00::/8"]);
+
+        for (entry, hint) in [
+            (
+                "10.0.0/8",
+                "\"10.0.0/8\" is not a CIDR; write e.g. 10.0.0.0/8",
+            ),
+            ("10.0.0.0/33", "is not a CIDR"),
+            ("proxy.internal", "is not a CIDR"),
+            (
+                "10.0.0.1/8",
+                "write 10.0.0.0/8 for the whole network or 10.0.0.1 for",
+            ),
+        ] {
+            config.trusted_proxies = vec!["127.0.0.1".into(), entry.into()];
+            check_invalid(&config, TRUSTED_PROXIES, hint);
+        }
+    }
+
+    #[test]
+    fn body_limit_is_not_zero() {
+        let mut config = ListenConfig::plaintext(addr(1), addr(2));
+        assert_eq!(config.http_body_limit, 1 << 20);
+        config.http_body_limit = 0;
+        check_invalid(&config, HTTP_BODY_LIMIT, "at least 1 byte");
+    }
+
     #[derive(Debug, clap::Parser)]
     struct Cli {
         #[command(flatten)]
@@ -645,6 +811,27 @@ mod tests {
         assert!(cli.listen.metrics_anonymous);
         cli.listen.validate().unwrap();
 
+        assert!(cli.listen.trusted_proxies.is_empty());
+        assert_eq!(cli.listen.http_body_limit, DEFAULT_HTTP_BODY_LIMIT);
+
+        let cli = Cli::try_parse_from([
+            "keel",
+            "--allow-plaintext",
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.168.0.0/16",
+            "--http-body-limit",
+            "256KiB",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.listen.trusted_proxies,
+            ["10.0.0.0/8", " 192.168.0.0/16"]
+        );
+        assert_eq!(cli.listen.trusted_proxy_networks().unwrap().len(), 2);
+        assert_eq!(cli.listen.http_body_limit, 256 * 1024);
+        let err = Cli::try_parse_from(["keel", "--http-body-limit", "1 parsec"]).unwrap_err();
+        assert!(err.to_string().contains("unknown unit"), "{err}");
+
         // A secret is only ever a file: there is no flag that takes the token itself.
         assert!(Cli::try_parse_from(["keel", "--metrics-token", "x"]).is_err());
     }
@@ -664,6 +851,9 @@ mod tests {
             "KEEL_METRICS_TOKEN_FILE",
             "KEEL_METRICS_ANONYMOUS",
             "Without it /metrics answers 401",
+            "KEEL_TRUSTED_PROXIES",
+            "KEEL_HTTP_BODY_LIMIT",
+            "[default: 1MiB]",
         ] {
             assert!(help.contains(expected), "missing {expected:?} in\n{help}");
         }

@@ -3,8 +3,13 @@
 //! A [`Server`] serves, on the gRPC listener, the caller's services plus `grpc.health.v1` and
 //! server reflection (v1 and v1alpha), each call traced ([`keel_telemetry::GrpcTraceLayer`]) and
 //! counted in the gRPC metrics; and on the HTTP listener `/metrics` (OpenMetrics, behind a bearer
-//! token), `/healthz` (liveness) and `/readyz` (readiness checks). It shuts both down gracefully
-//! when told to.
+//! token), `/healthz` (liveness), `/readyz` (readiness checks) and the routes services add with
+//! [`Server::http_routes`]. It shuts both down gracefully when told to.
+//!
+//! Every HTTP request, on every route, passes the same edge first: its [`ClientAddr`] is resolved
+//! (`X-Forwarded-For` counts only from `--trusted-proxies`), its body is capped at
+//! `--http-body-limit` (413 beyond it), and it runs in an `http.request` span that records both
+//! the client and the TCP peer.
 //!
 //! Both listeners serve TLS with the certificate in [`ListenConfig`], re-read from disk while
 //! serving; plaintext only when the configuration explicitly allows it. With a client CA, the gRPC
@@ -24,13 +29,14 @@
 
 #![warn(missing_docs)]
 
+mod edge;
 mod http;
 mod metrics;
 mod tls;
 
 use std::collections::HashSet;
 use std::future::{Future, IntoFuture as _};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -47,6 +53,7 @@ use tonic_health::ServingStatus;
 pub use metrics::Metrics;
 pub use tls::TlsError;
 
+use crate::edge::{TcpPeer, TrustedProxies};
 use crate::http::{MetricsAuth, Readiness, ReadinessCheck};
 use crate::metrics::GrpcMetrics;
 use crate::tls::{PeerIdentityLayer, ReloadingTls};
@@ -67,6 +74,19 @@ const BUILT_IN_SERVICES: [&str; 3] = [
 /// by the server, so a client cannot forge one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PeerIdentity(pub String);
+
+/// The address of the client that sent an HTTP request, as far as it can be trusted.
+///
+/// Found in the extensions of every request on the HTTP listener
+/// (`axum::Extension<ClientAddr>` in a handler). It is the TCP peer's address, unless the peer is
+/// in one of the trusted proxy networks (`--trusted-proxies`): then it is the rightmost address
+/// in `X-Forwarded-For` that is not itself a trusted proxy, i.e. the address the outermost
+/// trusted proxy got the request from. A malformed `X-Forwarded-For` leaves the peer's address.
+/// IPv4 clients of a dual-stack listener are given as IPv4 addresses, not IPv4-mapped IPv6.
+///
+/// The TCP peer itself is in the extensions too, as `axum::extract::ConnectInfo<SocketAddr>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub IpAddr);
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +142,7 @@ pub struct Server {
     grpc_metrics: GrpcMetrics,
     services: Vec<&'static str>,
     checks: Vec<ReadinessCheck>,
+    http_routes: axum::Router,
 }
 
 impl Server {
@@ -136,6 +157,7 @@ impl Server {
             grpc_metrics,
             services: Vec::new(),
             checks: Vec::new(),
+            http_routes: axum::Router::new(),
         }
     }
 
@@ -173,6 +195,47 @@ impl Server {
         self
     }
 
+    /// Adds routes to the HTTP listener, served beside `/metrics`, `/healthz` and `/readyz` and
+    /// behind the same edge: each request carries its [`ClientAddr`] (resolved with the trusted
+    /// proxies) in its extensions and runs in the `http.request` span, and its body is capped at
+    /// `listen.http_body_limit`. A declared `Content-Length` over the cap is answered 413 before
+    /// the handler runs; a body that turns out larger (chunked) ends in an error for the handler
+    /// once the cap is passed, and the client gets 413 whatever the handler answers then. Axum's
+    /// own 2 MB default limit is turned off, so body extractors (`Bytes`, `String`, `Json`) are
+    /// bound by this cap alone.
+    ///
+    /// The routes are served as given: authentication is the caller's to add (as a layer on
+    /// `router`, which then covers only these routes). May be called more than once; the routers
+    /// are merged. `router` must have its state applied already (`Router<()>`).
+    ///
+    /// ```no_run
+    /// # fn add(server: &mut keel_server::Server) {
+    /// use axum::Extension;
+    /// use keel_server::ClientAddr;
+    ///
+    /// async fn webhook(
+    ///     Extension(ClientAddr(client)): Extension<ClientAddr>,
+    ///     body: String,
+    /// ) -> String {
+    ///     format!("{} bytes from {client}\n", body.len())
+    /// }
+    ///
+    /// server.http_routes(
+    ///     axum::Router::new().route("/v1/alertmanager", axum::routing::post(webhook)),
+    /// );
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Like [`axum::Router::merge`], when a route overlaps one added before or both routers have
+    /// a fallback; and when serving starts, if a route overlaps `/metrics`, `/healthz` or
+    /// `/readyz`.
+    pub fn http_routes(&mut self, router: axum::Router) -> &mut Self {
+        self.http_routes = std::mem::take(&mut self.http_routes).merge(router);
+        self
+    }
+
     /// Binds `listen.grpc` and `listen.http`, then serves as [`Server::serve_with_listeners`] does.
     pub async fn serve(
         self,
@@ -192,7 +255,8 @@ impl Server {
     /// gRPC: `routes` plus health and reflection, behind the tracing and metrics layers; each
     /// request carries the client's [`PeerIdentity`] when it presented a verified certificate.
     /// HTTP: `/metrics` (bearer token, unless anonymous access is configured), `/healthz`,
-    /// `/readyz`.
+    /// `/readyz` and the routes added with [`Server::http_routes`], each request with its
+    /// [`ClientAddr`] and its body capped at `listen.http_body_limit`.
     ///
     /// Both listeners serve TLS when the configuration has a certificate; the files are checked
     /// every 2 s, and new connections get the new certificate once they change (files that cannot
@@ -213,6 +277,8 @@ impl Server {
     ) -> Result<(), ServerError> {
         self.listen.validate()?;
         let metrics_access = self.listen.metrics_access()?;
+        let trusted_networks = self.listen.trusted_proxy_networks()?;
+        let trusted_proxies = TrustedProxies::new(trusted_networks.clone());
         let tls = match self.listen.tls_settings()? {
             Some(settings) => Some(ReloadingTls::load(settings).await?),
             None => None,
@@ -262,11 +328,18 @@ impl Server {
             .layer(keel_telemetry::GrpcTraceLayer)
             .layer(metrics_layer)
             .add_routes(routes);
-        let http_router = http::router(
-            self.metrics.clone(),
-            readiness.clone(),
-            MetricsAuth::new(&metrics_access),
-        );
+        let http_router = edge::layer(
+            http::router(
+                self.metrics.clone(),
+                readiness.clone(),
+                MetricsAuth::new(&metrics_access),
+            )
+            .merge(self.http_routes),
+            trusted_proxies,
+            self.listen.http_body_limit,
+        )
+        // Every connection records its TCP peer, which the edge starts from.
+        .into_make_service_with_connect_info::<TcpPeer>();
         // For the start-up log: whether TLS is on, and with which client authentication.
         let served_tls = tls.as_ref().map(|(tls, _)| tls.client_auth());
         // The TLS side's own tasks (certificate watcher, accept loops): stopped by `stopping`,
@@ -338,6 +411,8 @@ impl Server {
             tls = served_tls.is_some(),
             client_auth = ?served_tls.flatten(),
             services = ?self.services,
+            trusted_proxies = ?trusted_networks,
+            http_body_limit = self.listen.http_body_limit,
             "serving"
         );
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use keel_config::{ClientAuth, ListenConfig};
-use keel_server::{PeerIdentity, Server, ServerError};
+use keel_server::{ClientAddr, PeerIdentity, Server, ServerError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -237,18 +237,20 @@ impl Running {
 }
 
 async fn start(listen: &ListenConfig) -> Running {
+    serve(Server::new(listen)).await
+}
+
+async fn serve(server: Server) -> Running {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(Server::new(listen).serve_with_listeners(
-        grpc,
-        http,
-        Routes::new(Whoami),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let served =
+        tokio::spawn(
+            server.serve_with_listeners(grpc, http, Routes::new(Whoami), async {
+                let _ = stopped.await;
+            }),
+        );
     Running {
         grpc: grpc_addr,
         http: http_addr,
@@ -617,6 +619,31 @@ async fn serving_refuses_missing_or_unusable_tls() {
     let err = serve_error(&missing_ca).await;
     assert!(matches!(err, ServerError::Tls(_)), "{err}");
     assert!(err.to_string().contains("no-such-ca.crt"), "{err}");
+}
+
+#[tokio::test]
+async fn http_routes_get_the_client_address_over_tls_too() {
+    use axum::Extension;
+    use axum::extract::ConnectInfo;
+
+    let pki = Pki::new("keel test ca");
+    let files = Files::new(&pki, &pki.server("keel-server"));
+    let mut server = Server::new(&files.listen());
+    server.http_routes(axum::Router::new().route(
+        "/client",
+        axum::routing::get(
+            |Extension(ClientAddr(client)): Extension<ClientAddr>,
+             ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                format!("{client} {}", peer.ip())
+            },
+        ),
+    ));
+    let running = serve(server).await;
+    assert_eq!(
+        https_get(running.http, &pki.ca_pem, "/client", None).await,
+        (200, "127.0.0.1 127.0.0.1".to_owned())
+    );
+    running.stop().await;
 }
 
 #[tokio::test]
