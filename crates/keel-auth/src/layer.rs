@@ -8,7 +8,10 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{AuthError, KeyStore, Principal};
+use keel_server::PeerIdentity;
+
+use crate::store::Authenticated;
+use crate::{AuthError, KeyStore, Principal, Role};
 
 const API_KEY_HEADER: &str = "x-api-key";
 const MISSING_KEY: &str = "missing API key: send the header \"authorization: Bearer keel_...\"";
@@ -21,6 +24,11 @@ const INVALID_KEY: &str = "invalid API key";
 /// request extensions, where handlers find it with [`principal`]; otherwise the call
 /// is answered with UNAUTHENTICATED (UNAVAILABLE if the key store cannot be
 /// reached) and never reaches the service.
+///
+/// When the server verified a client certificate under mutual TLS, its
+/// [`PeerIdentity`] is copied into [`Principal::peer_identity`]. With
+/// [`AuthLayer::require_client_cert_for_service_keys`], a `service` key is refused
+/// unless that identity is the key's name.
 ///
 /// Wrap each generated server separately, so services that must stay open (health,
 /// reflection) are simply left unwrapped:
@@ -37,12 +45,27 @@ const INVALID_KEY: &str = "invalid API key";
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     store: KeyStore,
+    require_client_cert_for_service_keys: bool,
 }
 
 impl AuthLayer {
-    /// A layer checking keys against `store`.
+    /// A layer checking keys against `store`, requiring client certificates for
+    /// service keys if the store says so
+    /// ([`KeyStore::require_client_cert_for_service_keys`]).
     pub fn new(store: KeyStore) -> Self {
-        AuthLayer { store }
+        AuthLayer {
+            require_client_cert_for_service_keys: store.require_client_cert_for_service_keys,
+            store,
+        }
+    }
+
+    /// With `required`, a call with a `service` key is refused with UNAUTHENTICATED
+    /// unless it carries a [`PeerIdentity`] equal to the key's name, i.e. came over
+    /// mutual TLS with a verified certificate for that service. Other roles are not
+    /// affected. Overrides the store's setting.
+    pub fn require_client_cert_for_service_keys(mut self, required: bool) -> Self {
+        self.require_client_cert_for_service_keys = required;
+        self
     }
 }
 
@@ -53,6 +76,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthService {
             inner,
             store: self.store.clone(),
+            require_client_cert_for_service_keys: self.require_client_cert_for_service_keys,
         }
     }
 }
@@ -63,6 +87,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     store: KeyStore,
+    require_client_cert_for_service_keys: bool,
 }
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for AuthService<S> {
@@ -95,9 +120,16 @@ where
         // Copied out before the async block so the future does not borrow the request
         // (whose body need not be Sync).
         let key = api_key(request.headers());
+        let peer_identity = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .map(|identity| identity.0.clone());
+        let require_client_cert = self.require_client_cert_for_service_keys;
         Box::pin(async move {
             let principal = match key {
-                Ok(key) => authenticate(&store, &key).await,
+                Ok(key) => authenticate(&store, &key)
+                    .await
+                    .and_then(|found| check_peer(found, peer_identity, require_client_cert)),
                 Err(status) => Err(status),
             };
             match principal {
@@ -129,15 +161,15 @@ fn api_key(headers: &http::HeaderMap) -> Result<SecretString, Status> {
     Err(Status::unauthenticated(MISSING_KEY))
 }
 
-async fn authenticate(store: &KeyStore, key: &SecretString) -> Result<Principal, Status> {
+async fn authenticate(store: &KeyStore, key: &SecretString) -> Result<Authenticated, Status> {
     let key = key.expose_secret();
     // Only the prefix of a well-formed key is ever logged; it identifies the key
     // in listings without revealing it.
     let key_prefix = key
         .get(..crate::key::DISPLAY_PREFIX_LEN)
         .filter(|_| crate::key::is_well_formed(key));
-    match store.authenticate(key).await {
-        Ok(principal) => Ok(principal),
+    match store.authenticate_key(key).await {
+        Ok(found) => Ok(found),
         Err(AuthError::MalformedKey) => {
             tracing::debug!("rejected malformed API key");
             Err(Status::unauthenticated(INVALID_KEY))
@@ -156,6 +188,35 @@ async fn authenticate(store: &KeyStore, key: &SecretString) -> Result<Principal,
             Err(Status::unavailable("cannot verify API key right now"))
         }
     }
+}
+
+/// The caller, with the identity of its client certificate; refused if it holds a
+/// service key that `require_client_cert` binds to a certificate it did not present.
+fn check_peer(
+    found: Authenticated,
+    peer_identity: Option<String>,
+    require_client_cert: bool,
+) -> Result<Principal, Status> {
+    let Authenticated {
+        mut principal,
+        name,
+    } = found;
+    if require_client_cert
+        && principal.role == Role::Service
+        && peer_identity.as_deref() != Some(name.as_str())
+    {
+        tracing::debug!(
+            key_id = %principal.key_id,
+            key_name = %name,
+            peer_identity = peer_identity.as_deref(),
+            "rejected service key without a client certificate naming it"
+        );
+        return Err(Status::unauthenticated(format!(
+            "service keys must come with a client certificate for {name}"
+        )));
+    }
+    principal.peer_identity = peer_identity;
+    Ok(principal)
 }
 
 /// The caller of an RPC, as authenticated by [`AuthLayer`].

@@ -8,6 +8,10 @@
 //! caller's [`Principal`] with [`principal`] and check it with
 //! [`Principal::require`]. Clients attach their key with [`bearer_interceptor`].
 //!
+//! Successful lookups are cached briefly; each serving process runs
+//! [`KeyStore::watch_changes`], so that a key revoked or re-roled on any replica
+//! is treated as such on its next call everywhere.
+//!
 //! Every change to a key is written to the audit log (table `auth.audit_log`) in
 //! the transaction that makes it, with the [`Actor`] who asked for it; see
 //! [`KeyStore::audit_log`].

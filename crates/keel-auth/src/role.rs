@@ -95,6 +95,9 @@ pub struct Principal {
     pub tenant: String,
     /// What the caller may do.
     pub role: Role,
+    /// The identity in the client certificate the server verified under mutual TLS
+    /// (see `keel_server::PeerIdentity`), whatever the role; `None` without one.
+    pub peer_identity: Option<String>,
 }
 
 impl Principal {
@@ -197,6 +200,7 @@ mod tests {
             key_id: Uuid::nil(),
             tenant: "acme".into(),
             role: Role::Viewer,
+            peer_identity: None,
         };
         assert!(p.require(Role::Viewer, "list instances").is_ok());
         let status = p

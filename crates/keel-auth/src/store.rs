@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgListener, PgNotification};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::audit::{Record, action};
@@ -25,6 +27,14 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(5);
 /// entries live only a few seconds anyway, and an attacker cannot fill it because
 /// only keys that authenticated are cached.
 const CACHE_CAPACITY: usize = 10_000;
+
+/// The channel on which [`KeyStore::revoke`] and [`KeyStore::change_role`] announce the
+/// id of the key they changed, and [`KeyStore::watch_changes`] listens.
+const CHANGES_CHANNEL: &str = "keel_auth_keys";
+/// First wait before listening again after the listener failed; doubled per failure.
+const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between attempts to listen again.
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 const NAME_MAX_CHARS: usize = 100;
 /// The partial unique index on (tenant, name) among active keys, see the migration.
@@ -86,10 +96,12 @@ pub struct KeyInfo {
 ///
 /// Cloning is cheap and clones share the cache.
 ///
-/// **Revocation takes effect within the cache TTL**: [`KeyStore::revoke`] drops the
-/// key from this process's cache at once, but other replicas keep accepting it
-/// until their cached entry is older than the TTL. The same holds for
-/// [`KeyStore::change_role`].
+/// **A revoked key fails on its next call, on every replica**: [`KeyStore::revoke`]
+/// drops the key from this process's cache at once and, at commit, notifies every
+/// replica whose [`KeyStore::watch_changes`] runs; they drop it as soon as the
+/// notification arrives. The same holds for [`KeyStore::change_role`]. The cache TTL
+/// remains the bound only while a replica cannot listen (database unreachable), or
+/// on a replica that does not run `watch_changes` at all.
 ///
 /// **Every change is audited atomically**: each method that changes a
 /// key writes one row to `auth.audit_log` in the transaction that changes the key,
@@ -98,14 +110,29 @@ pub struct KeyInfo {
 pub struct KeyStore {
     pool: PgPool,
     cache: Arc<Cache>,
+    /// Read by [`AuthLayer::new`](crate::AuthLayer::new); see
+    /// [`KeyStore::require_client_cert_for_service_keys`].
+    pub(crate) require_client_cert_for_service_keys: bool,
 }
 
 impl fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyStore")
             .field("cache_ttl", &self.cache.ttl)
+            .field(
+                "require_client_cert_for_service_keys",
+                &self.require_client_cert_for_service_keys,
+            )
             .finish_non_exhaustive()
     }
+}
+
+/// A successful authentication: the caller, plus what only the layer needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Authenticated {
+    pub(crate) principal: Principal,
+    /// The key's name as created, which a client certificate must name for a service key.
+    pub(crate) name: String,
 }
 
 impl KeyStore {
@@ -118,14 +145,23 @@ impl KeyStore {
     /// A store on `pool` that caches successful authentications for `cache_ttl`
     /// ([`DEFAULT_CACHE_TTL`] in services); zero disables the cache.
     pub fn new(pool: PgPool, cache_ttl: Duration) -> Self {
-        let cache = Cache {
-            ttl: cache_ttl,
-            entries: Mutex::new(HashMap::new()),
-        };
         KeyStore {
             pool,
-            cache: Arc::new(cache),
+            cache: Arc::new(Cache::new(cache_ttl)),
+            require_client_cert_for_service_keys: false,
         }
+    }
+
+    /// With `required`, every [`AuthLayer`](crate::AuthLayer) built from this store
+    /// refuses a `service` key unless the call came over mutual TLS with a verified
+    /// client certificate naming the key (its name as created, e.g. `collector`), so
+    /// a leaked service key is useless without the service's certificate. Off by default.
+    ///
+    /// A setting of the store rather than only of the layer, because services build
+    /// their layer themselves from the store they are given.
+    pub fn require_client_cert_for_service_keys(mut self, required: bool) -> Self {
+        self.require_client_cert_for_service_keys = required;
+        self
     }
 
     /// Generates a new random key, stores its hash and records `key.created` for `actor`.
@@ -258,16 +294,27 @@ impl KeyStore {
     /// Finds who `key` belongs to.
     ///
     /// Malformed keys are refused without touching the database. Successful results
-    /// are cached for the store's TTL (never past the key's expiry), so a key revoked
-    /// on another replica keeps working here until its entry is older than the TTL.
+    /// are cached for the store's TTL (never past the key's expiry); a key revoked or
+    /// re-roled on another replica leaves this cache when [`KeyStore::watch_changes`]
+    /// hears of it, or, if nothing runs it, once its entry is older than the TTL.
     pub async fn authenticate(&self, key: &str) -> Result<Principal, AuthError> {
+        self.authenticate_key(key)
+            .await
+            .map(|found| found.principal)
+    }
+
+    /// [`KeyStore::authenticate`], with the key's name.
+    pub(crate) async fn authenticate_key(&self, key: &str) -> Result<Authenticated, AuthError> {
         if !key::is_well_formed(key) {
             return Err(AuthError::MalformedKey);
         }
         let hash = key::hash(key);
-        if let Some(principal) = self.cache.get(&hash) {
-            return Ok(principal);
+        if let Some(found) = self.cache.get(&hash) {
+            return Ok(found);
         }
+        // Taken before the lookup: an eviction while it runs means the row read may
+        // already be stale, and then the answer is not cached.
+        let generation = self.cache.generation();
         let row: Option<KeyRow> = sqlx::query_as(KeyRow::SELECT_BY_HASH)
             .bind(&hash[..])
             .fetch_optional(&self.pool)
@@ -281,17 +328,116 @@ impl KeyStore {
         if row.expired {
             return Err(AuthError::Expired);
         }
-        let principal = Principal {
-            key_id: row.id,
-            tenant: row.tenant,
-            role: parse_role(&row.role)?,
+        let found = Authenticated {
+            principal: Principal {
+                key_id: row.id,
+                tenant: row.tenant,
+                role: parse_role(&row.role)?,
+                peer_identity: None,
+            },
+            name: row.name,
         };
-        self.cache.insert(hash, principal.clone(), row.expires_at);
-        Ok(principal)
+        self.cache
+            .insert(hash, found.clone(), row.expires_at, generation);
+        Ok(found)
+    }
+
+    /// Drops from this store's cache every key that any replica revokes or gives
+    /// another role, as soon as the change commits, until `shutdown` is cancelled.
+    /// Services run it for as long as they serve.
+    ///
+    /// It LISTENs on a connection of its own from the pool. Whenever that connection
+    /// fails, a notification may have been missed, so the whole cache is emptied, and
+    /// emptied again once listening resumes (attempts back off from 100 ms to 10 s).
+    /// While the database is unreachable nothing can be heard, and the cache TTL is
+    /// again what bounds how long a revoked key keeps working.
+    pub async fn watch_changes(&self, shutdown: CancellationToken) {
+        let mut backoff = LISTEN_BACKOFF_MIN;
+        loop {
+            let listening = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                listening = self.listen() => listening,
+            };
+            match listening {
+                Ok(mut listener) => {
+                    // Changes committed before LISTEN took effect were never announced
+                    // to this listener.
+                    self.cache.clear();
+                    tracing::debug!(channel = CHANGES_CHANNEL, "listening for API key changes");
+                    let since = Instant::now();
+                    let error = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        error = self.evict_changed(&mut listener) => error,
+                    };
+                    // A connection that served a while failed for a new reason: retry soon.
+                    if since.elapsed() >= LISTEN_BACKOFF_MAX {
+                        backoff = LISTEN_BACKOFF_MIN;
+                    }
+                    tracing::warn!(%error, retry_in = ?backoff, "lost the API key change listener; emptied the auth cache");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "cannot listen for API key changes; emptied the auth cache");
+                }
+            }
+            self.cache.clear();
+            if self.pool.is_closed() {
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+        }
+    }
+
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        // A lost connection must surface here, where the cache is emptied, instead of
+        // being replaced behind our back with the notifications in between missed.
+        listener.eager_reconnect(false);
+        listener.listen(CHANGES_CHANNEL).await?;
+        Ok(listener)
+    }
+
+    /// Evicts each announced key until the listener fails, and returns why it failed.
+    async fn evict_changed(&self, listener: &mut PgListener) -> sqlx::Error {
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(notification)) => self.evict(&notification),
+                // `try_recv` reports a dropped connection as no notification.
+                Ok(None) => {
+                    return sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "connection to the database lost",
+                    ));
+                }
+                Err(error) => return error,
+            }
+        }
+    }
+
+    fn evict(&self, notification: &PgNotification) {
+        match notification.payload().parse::<Uuid>() {
+            Ok(key_id) => {
+                self.cache.forget_key(key_id);
+                tracing::debug!(%key_id, "evicted a changed API key from the auth cache");
+            }
+            Err(_) => {
+                // Not sent by this crate; whatever changed, forgetting everything is safe.
+                self.cache.clear();
+                tracing::warn!(
+                    channel = CHANGES_CHANNEL,
+                    payload = notification.payload(),
+                    "unexpected API key change notification; emptied the auth cache"
+                );
+            }
+        }
     }
 
     /// Revokes a key and records `key.revoked` for `actor`. The key stops working
-    /// here at once and on other replicas within their cache TTL.
+    /// here at once, and on other replicas as soon as their
+    /// [`KeyStore::watch_changes`] hears of it (see [`KeyStore`]).
     ///
     /// Revoking a revoked key is a no-op and records nothing, since nothing changed.
     pub async fn revoke(&self, id: Uuid, actor: &Actor) -> Result<(), AuthError> {
@@ -328,6 +474,7 @@ impl KeyStore {
         }
         .insert(&mut tx)
         .await?;
+        announce_change(&mut tx, id).await?;
         tx.commit().await?;
         // After the commit: forgetting earlier would let a concurrent lookup cache the
         // still-active key again.
@@ -337,8 +484,8 @@ impl KeyStore {
     }
 
     /// Gives a key another role and records `key.role_changed` for `actor`. Like a
-    /// revocation, the new role applies here at once and on other replicas within
-    /// their cache TTL.
+    /// revocation, the new role applies here at once and on other replicas as soon
+    /// as their [`KeyStore::watch_changes`] hears of it.
     ///
     /// Revoked keys are refused ([`AuthError::KeyRevoked`]); asking for the role the
     /// key already has changes and records nothing.
@@ -382,6 +529,7 @@ impl KeyStore {
         }
         .insert(&mut tx)
         .await?;
+        announce_change(&mut tx, id).await?;
         tx.commit().await?;
         self.cache.forget_key(id);
         tracing::info!(key_id = %id, tenant = %info.tenant, old_role = %info.role, new_role = %role, %actor, "changed API key role");
@@ -450,6 +598,7 @@ struct KeyRow {
     id: Uuid,
     tenant: String,
     role: String,
+    name: String,
     expires_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
     /// Judged by the database clock, which all replicas share.
@@ -457,7 +606,7 @@ struct KeyRow {
 }
 
 impl KeyRow {
-    const SELECT_BY_HASH: &str = "SELECT id, tenant, role, expires_at, revoked_at, \
+    const SELECT_BY_HASH: &str = "SELECT id, tenant, role, name, expires_at, revoked_at, \
          coalesce(expires_at <= now(), false) AS expired \
          FROM auth.api_keys WHERE key_hash = $1";
 }
@@ -487,6 +636,17 @@ impl InfoRow {
             revoked_at: self.revoked_at,
         })
     }
+}
+
+/// Tells every replica's [`KeyStore::watch_changes`] that key `id` changed. PostgreSQL
+/// delivers the notification when the transaction commits, and never if it rolls back.
+async fn announce_change(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANGES_CHANNEL)
+        .bind(id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), AuthError> {
@@ -521,33 +681,62 @@ fn insert_error(err: sqlx::Error, tenant: &str, name: &str) -> AuthError {
 /// Successful authentications by key hash; the clear key is never kept.
 struct Cache {
     ttl: Duration,
-    entries: Mutex<HashMap<KeyHash, Cached>>,
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    entries: HashMap<KeyHash, Cached>,
+    /// Counts evictions, so that a lookup that overlapped one does not cache what it
+    /// read before the change (see [`Cache::insert`]).
+    generation: u64,
 }
 
 struct Cached {
-    principal: Principal,
+    found: Authenticated,
     fresh_until: Instant,
     expires_at: Option<DateTime<Utc>>,
 }
 
 impl Cache {
-    fn lock(&self) -> MutexGuard<'_, HashMap<KeyHash, Cached>> {
-        // A panic while holding the lock cannot leave a half-written entry worth
-        // distrusting: every entry is complete and checked for freshness on read.
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    fn new(ttl: Duration) -> Self {
+        Cache {
+            ttl,
+            state: Mutex::new(CacheState::default()),
+        }
     }
 
-    fn get(&self, hash: &KeyHash) -> Option<Principal> {
-        let mut entries = self.lock();
-        let entry = entries.get(hash)?;
+    fn lock(&self) -> MutexGuard<'_, CacheState> {
+        // A panic while holding the lock cannot leave a half-written entry worth
+        // distrusting: every entry is complete and checked for freshness on read.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, hash: &KeyHash) -> Option<Authenticated> {
+        let mut state = self.lock();
+        let entry = state.entries.get(hash)?;
         if Instant::now() < entry.fresh_until && entry.expires_at.is_none_or(|t| t > Utc::now()) {
-            return Some(entry.principal.clone());
+            return Some(entry.found.clone());
         }
-        entries.remove(hash);
+        state.entries.remove(hash);
         None
     }
 
-    fn insert(&self, hash: KeyHash, principal: Principal, expires_at: Option<DateTime<Utc>>) {
+    /// The generation to pass to [`Cache::insert`] for a lookup starting now.
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Caches `found` unless an eviction happened since `generation` was read: the
+    /// lookup may then have read the key just before it was revoked, and caching that
+    /// would undo the eviction.
+    fn insert(
+        &self,
+        hash: KeyHash,
+        found: Authenticated,
+        expires_at: Option<DateTime<Utc>>,
+        generation: u64,
+    ) {
         if self.ttl.is_zero() {
             return;
         }
@@ -555,22 +744,37 @@ impl Cache {
         let Some(fresh_until) = Instant::now().checked_add(self.ttl) else {
             return;
         };
-        let mut entries = self.lock();
-        if entries.len() >= CACHE_CAPACITY && !entries.contains_key(&hash) {
-            entries.clear();
+        let mut state = self.lock();
+        if state.generation != generation {
+            return;
         }
-        entries.insert(
+        if state.entries.len() >= CACHE_CAPACITY && !state.entries.contains_key(&hash) {
+            state.entries.clear();
+        }
+        state.entries.insert(
             hash,
             Cached {
-                principal,
+                found,
                 fresh_until,
                 expires_at,
             },
         );
     }
 
+    /// Evicts key `id`. A scan rather than an index by id: the cache is bounded and
+    /// keys change rarely, so each change costs at most [`CACHE_CAPACITY`] comparisons.
     fn forget_key(&self, id: Uuid) {
-        self.lock().retain(|_, entry| entry.principal.key_id != id);
+        let mut state = self.lock();
+        state.generation += 1;
+        state
+            .entries
+            .retain(|_, entry| entry.found.principal.key_id != id);
+    }
+
+    fn clear(&self) {
+        let mut state = self.lock();
+        state.generation += 1;
+        state.entries.clear();
     }
 }
 
@@ -578,11 +782,15 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn principal(n: u128) -> Principal {
-        Principal {
-            key_id: Uuid::from_u128(n),
-            tenant: "acme".into(),
-            role: Role::Viewer,
+    fn found(n: u128) -> Authenticated {
+        Authenticated {
+            principal: Principal {
+                key_id: Uuid::from_u128(n),
+                tenant: "acme".into(),
+                role: Role::Viewer,
+                peer_identity: None,
+            },
+            name: format!("key-{n}"),
         }
     }
 
@@ -590,54 +798,70 @@ mod tests {
         key::hash(&n.to_string())
     }
 
-    fn cache(ttl: Duration) -> Cache {
-        Cache {
-            ttl,
-            entries: Mutex::new(HashMap::new()),
-        }
+    /// Caches key `n` as a lookup that started now would.
+    fn insert(cache: &Cache, n: u128, expires_at: Option<DateTime<Utc>>) {
+        cache.insert(hash_of(n), found(n), expires_at, cache.generation());
     }
 
     #[test]
     fn cache_serves_fresh_entries_and_forgets_revoked_ones() {
-        let cache = cache(Duration::from_secs(60));
-        cache.insert(hash_of(1), principal(1), None);
-        cache.insert(hash_of(2), principal(2), None);
-        assert_eq!(cache.get(&hash_of(1)), Some(principal(1)));
+        let cache = Cache::new(Duration::from_secs(60));
+        insert(&cache, 1, None);
+        insert(&cache, 2, None);
+        assert_eq!(cache.get(&hash_of(1)), Some(found(1)));
         cache.forget_key(Uuid::from_u128(1));
         assert_eq!(cache.get(&hash_of(1)), None);
-        assert_eq!(cache.get(&hash_of(2)), Some(principal(2)));
+        assert_eq!(cache.get(&hash_of(2)), Some(found(2)));
+        cache.clear();
+        assert_eq!(cache.get(&hash_of(2)), None);
+    }
+
+    #[test]
+    fn a_lookup_overlapping_an_eviction_is_not_cached() {
+        let cache = Cache::new(Duration::from_secs(60));
+        // The lookup reads the key, then the key is revoked and evicted before the
+        // lookup caches what it read.
+        let generation = cache.generation();
+        cache.forget_key(Uuid::from_u128(1));
+        cache.insert(hash_of(1), found(1), None, generation);
+        assert_eq!(cache.get(&hash_of(1)), None);
+
+        let generation = cache.generation();
+        cache.clear();
+        cache.insert(hash_of(1), found(1), None, generation);
+        assert_eq!(cache.get(&hash_of(1)), None);
+
+        // Lookups that start after the eviction are cached again.
+        insert(&cache, 1, None);
+        assert_eq!(cache.get(&hash_of(1)), Some(found(1)));
     }
 
     #[test]
     fn cache_never_outlives_the_key() {
-        let cache = cache(Duration::from_secs(60));
-        cache.insert(
-            hash_of(1),
-            principal(1),
-            Some(Utc::now() - chrono::Duration::seconds(1)),
-        );
+        let cache = Cache::new(Duration::from_secs(60));
+        insert(&cache, 1, Some(Utc::now() - chrono::Duration::seconds(1)));
         assert_eq!(cache.get(&hash_of(1)), None);
     }
 
     #[test]
     fn zero_ttl_disables_the_cache() {
-        let cache = cache(Duration::ZERO);
-        cache.insert(hash_of(1), principal(1), None);
+        let cache = Cache::new(Duration::ZERO);
+        insert(&cache, 1, None);
         assert_eq!(cache.get(&hash_of(1)), None);
     }
 
     #[test]
     fn full_cache_starts_over() {
-        let cache = cache(Duration::from_secs(60));
+        let cache = Cache::new(Duration::from_secs(60));
         for n in 0..CACHE_CAPACITY as u128 {
-            cache.insert(hash_of(n), principal(n), None);
+            insert(&cache, n, None);
         }
-        assert_eq!(cache.lock().len(), CACHE_CAPACITY);
+        assert_eq!(cache.lock().entries.len(), CACHE_CAPACITY);
         // Refreshing a cached key does not flush the others.
-        cache.insert(hash_of(0), principal(0), None);
-        assert_eq!(cache.lock().len(), CACHE_CAPACITY);
-        cache.insert(hash_of(u128::MAX), principal(u128::MAX), None);
-        assert_eq!(cache.lock().len(), 1);
+        insert(&cache, 0, None);
+        assert_eq!(cache.lock().entries.len(), CACHE_CAPACITY);
+        insert(&cache, u128::MAX, None);
+        assert_eq!(cache.lock().entries.len(), 1);
     }
 
     #[test]

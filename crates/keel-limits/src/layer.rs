@@ -349,6 +349,7 @@ mod tests {
             key_id: Uuid::now_v7(),
             tenant: "acme".into(),
             role: keel_auth::Role::Viewer,
+            peer_identity: None,
         }
     }
 

@@ -70,9 +70,18 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "KEEL_BOOTSTRAP_TENANT", default_value = "default")]
     pub(crate) bootstrap_tenant: String,
     /// How long an authenticated API key is trusted before it is looked up again
-    /// (bounds how long a revoked key keeps working).
+    /// (revocations reach every server at once; this bounds them only while the state store is unreachable).
     #[arg(long, env = "KEEL_AUTH_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
     pub(crate) auth_cache_ttl: Duration,
+    /// Refuse a `service` API key unless the call comes over mutual TLS with a verified client
+    /// certificate naming the key (its name as created, e.g. `collector`), so a leaked service
+    /// key is useless without the service's certificate. Needs --tls-client-ca-file.
+    #[arg(
+        long = "service-keys-require-client-cert",
+        env = "KEEL_SERVICE_KEYS_REQUIRE_CLIENT_CERT",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub(crate) service_keys_require_client_cert: bool,
     /// How long an instance check waits for the database.
     #[arg(long, env = "KEEL_CHECK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub(crate) check_timeout: Duration,
@@ -303,14 +312,14 @@ pub(crate) enum AdminCommand {
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Revoke an API key by id; servers refuse it within their auth cache TTL.
+    /// Revoke an API key by id; every server refuses it from its next call.
     RevokeKey {
         /// Key id, as listed by list-keys.
         id: uuid::Uuid,
         #[command(flatten)]
         database: DatabaseConfig,
     },
-    /// Give an API key another role; servers apply it within their auth cache TTL.
+    /// Give an API key another role; every server applies it from its next call.
     SetRole {
         /// Key id, as listed by list-keys.
         id: uuid::Uuid,

@@ -24,6 +24,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     args.limits.validate()?;
     keel_auth::validate_tenant(&args.bootstrap_tenant)
         .context("--bootstrap-tenant / KEEL_BOOTSTRAP_TENANT")?;
+    if args.service_keys_require_client_cert && args.listen.tls_client_ca_file.is_none() {
+        anyhow::bail!(
+            "--service-keys-require-client-cert needs mutual TLS: set --tls-client-ca-file / KEEL_TLS_CLIENT_CA_FILE"
+        );
+    }
     if matches!(
         args.target,
         Target::Collector | Target::Optimizer | Target::Remediation
@@ -54,7 +59,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     keel_registry::migrate(&pool)
         .await
         .context("migrating the registry schema")?;
-    let keys = KeyStore::new(pool.clone(), args.auth_cache_ttl);
+    // Read by the AuthLayer that each service builds from `keys`.
+    let keys = KeyStore::new(pool.clone(), args.auth_cache_ttl)
+        .require_client_cert_for_service_keys(args.service_keys_require_client_cert);
     if let Some(key) = &bootstrap_key {
         keys.ensure_key(
             key,
@@ -113,6 +120,12 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let relay_stop = CancellationToken::new();
     let relay_task = tokio::spawn(relay.clone().run(relay_stop.clone()));
+    // Keys revoked or re-roled on any replica leave this one's auth cache at once.
+    let keys_stop = CancellationToken::new();
+    let keys_task = tokio::spawn({
+        let (keys, stop) = (keys.clone(), keys_stop.clone());
+        async move { keys.watch_changes(stop).await }
+    });
 
     tracing::info!(
         target_services = ?args.target,
@@ -127,6 +140,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // publish them before exiting (another replica would otherwise pick them up later).
     relay_stop.cancel();
     let _ = relay_task.await;
+    keys_stop.cancel();
+    let _ = keys_task.await;
     match relay.publish_pending().await {
         Ok(n) if n > 0 => tracing::info!(published = n, "published remaining events before exit"),
         Ok(_) => {}

@@ -405,6 +405,11 @@ fn serve_refuses_bad_configuration_before_connecting() {
         1,
         "limit-rate",
     );
+    expect_exit(
+        &serve(&["--service-keys-require-client-cert"], &[keys, plaintext]),
+        1,
+        "needs mutual TLS",
+    );
 }
 
 /// A CA with a server certificate for localhost and a client certificate, written as PEM files.
