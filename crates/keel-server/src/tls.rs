@@ -344,6 +344,11 @@ pub(crate) fn accept(
                     continue;
                 }
             };
+            // Without it, a response that spans several segments waits ~40 ms for the peer's
+            // delayed ACK (Nagle): gRPC writes small frames and needs them sent at once.
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
             let acceptor = TlsAcceptor::from(tls.config(which));
             let sender = sender.clone();
             tokio::spawn(async move {

@@ -45,6 +45,9 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
         // Statement logging would put instance data into logs at INFO; keep it for debugging only.
         .log_statements(tracing::log::LevelFilter::Debug);
     let pool = PgPoolOptions::new()
+        // The default pings every connection before each use, a round trip per query; a
+        // broken connection fails its query instead, which callers already handle.
+        .test_before_acquire(false)
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
         .connect_with(options)
