@@ -90,16 +90,10 @@ pub(crate) struct ServeArgs {
 /// The key ring that encrypts connection credentials at rest.
 #[derive(Debug, Args)]
 pub(crate) struct EncryptionArgs {
-    /// Key ring `id:base64key[,id:base64key…]`; the first key encrypts, all decrypt.
-    /// Generate a key with `head -c 32 /dev/urandom | base64`. Prefer the _FILE variant.
-    #[arg(
-        long = "encryption-keys",
-        env = "KEEL_ENCRYPTION_KEYS",
-        hide_env_values = true,
-        conflicts_with = "encryption_keys_file"
-    )]
-    pub(crate) keys: Option<SecretString>,
-    /// File holding the key ring, one `id:base64key` per line (e.g. a mounted Kubernetes Secret).
+    /// File holding the key ring, `id:base64key` entries by line or comma, the key that
+    /// encrypts first (e.g. a mounted Kubernetes Secret). Alternatively set the ring itself in
+    /// the environment variable KEEL_ENCRYPTION_KEYS; there is deliberately no flag for the
+    /// keys themselves, because flags show in `ps`.
     #[arg(long = "encryption-keys-file", env = "KEEL_ENCRYPTION_KEYS_FILE")]
     pub(crate) encryption_keys_file: Option<PathBuf>,
 }
@@ -115,14 +109,10 @@ pub(crate) struct ClientArgs {
         global = true
     )]
     pub(crate) endpoint: String,
-    /// API key (`keel_…`).
-    #[arg(
-        long = "api-key",
-        env = "KEEL_API_KEY",
-        hide_env_values = true,
-        global = true
-    )]
-    pub(crate) api_key: Option<SecretString>,
+    /// File holding the API key (`keel_…`). Alternatively set the key itself in the
+    /// environment variable KEEL_API_KEY; there is no flag for the key, because flags show in `ps`.
+    #[arg(long = "api-key-file", env = "KEEL_API_KEY_FILE", global = true)]
+    pub(crate) api_key_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     pub(crate) output: Output,
@@ -344,16 +334,11 @@ pub(crate) enum AdminCommand {
         output: Output,
     },
     /// Re-encrypt every stored credential under the key ring's first key.
-    ///
-    /// The key ring comes from a file or from KEEL_ENCRYPTION_KEYS; unlike `serve`
-    /// there is no `--encryption-keys` flag, because flags show in `ps`.
     RotateKey {
         #[command(flatten)]
         database: DatabaseConfig,
-        /// File holding the key ring, one `id:base64key` per line, the new key first
-        /// (e.g. a mounted Kubernetes Secret).
-        #[arg(long = "encryption-keys-file", env = "KEEL_ENCRYPTION_KEYS_FILE")]
-        encryption_keys_file: Option<PathBuf>,
+        #[command(flatten)]
+        encryption: EncryptionArgs,
         /// Rows re-encrypted per batch.
         #[arg(long, default_value_t = 500)]
         batch: i64,
@@ -374,5 +359,28 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn secrets_cannot_be_passed_as_flag_values() {
+        // Flags show in `ps` to every user of the host; these come from files or the environment.
+        for args in [
+            &["keel", "serve", "--encryption-keys", "k1:c2VjcmV0"][..],
+            &["keel", "instance", "ls", "--api-key", "keel_x"][..],
+            &[
+                "keel",
+                "admin",
+                "rotate-key",
+                "--encryption-keys",
+                "k1:c2VjcmV0",
+            ][..],
+        ] {
+            let err = Cli::try_parse_from(args).expect_err("secret flag accepted");
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::UnknownArgument,
+                "{args:?}"
+            );
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use keel_proto::v1::registry_service_client::RegistryServiceClient;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -60,12 +60,24 @@ pub(crate) type Registry = RegistryServiceClient<InterceptedService<Channel, Cre
 
 /// Connects to the registry named by `args`.
 pub(crate) async fn registry(args: &ClientArgs) -> anyhow::Result<Registry> {
-    let Some(key) = &args.api_key else {
+    let key = match (
+        std::env::var("KEEL_API_KEY").ok().filter(|k| !k.is_empty()),
+        &args.api_key_file,
+    ) {
+        (Some(key), None) => SecretString::from(key),
+        (None, Some(path)) => {
+            keel_config::read_secret_file("--api-key-file / KEEL_API_KEY_FILE", path)?
+        }
+        (Some(_), Some(_)) => {
+            anyhow::bail!("set either KEEL_API_KEY or --api-key-file / KEEL_API_KEY_FILE, not both")
+        }
         // Reported like the server's own refusal, so scripts see the same exit code.
-        return Err(tonic::Status::unauthenticated(
-            "no API key: set KEEL_API_KEY or pass --api-key (create one with `keel admin create-key`)",
-        )
-        .into());
+        (None, None) => {
+            return Err(tonic::Status::unauthenticated(
+                "no API key: set KEEL_API_KEY or KEEL_API_KEY_FILE (create one with `keel admin create-key`)",
+            )
+            .into());
+        }
     };
     let mut authorization: AsciiMetadataValue =
         MetadataValue::try_from(format!("Bearer {}", key.expose_secret())).map_err(|_| {

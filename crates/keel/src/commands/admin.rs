@@ -4,7 +4,6 @@
 //! Every change is recorded in the audit log with the OS user and host running the
 //! command as its actor.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,11 +161,11 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::RotateKey {
             database,
-            encryption_keys_file,
+            encryption,
             batch,
         } => {
             anyhow::ensure!(batch > 0, "--batch must be at least 1");
-            let keys = Arc::new(rotation_key_ring(encryption_keys_file)?);
+            let keys = Arc::new(key_ring(&encryption)?);
             let primary = keys.primary_id().to_owned();
             let pool = connect(&database).await?;
             KeyStore::migrate(&pool).await?;
@@ -225,10 +224,9 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
     })
 }
 
-/// The key ring for `rotate-key`: from `KEEL_ENCRYPTION_KEYS` or the file, like
-/// [`key_ring`] but with no flag for the ring itself.
-fn rotation_key_ring(encryption_keys_file: Option<PathBuf>) -> anyhow::Result<KeyRing> {
-    let keys = match std::env::var(ENCRYPTION_KEYS_ENV) {
+/// The key ring from KEEL_ENCRYPTION_KEYS or the file; never from a flag value.
+pub(crate) fn key_ring(args: &EncryptionArgs) -> anyhow::Result<KeyRing> {
+    let from_env = match std::env::var(ENCRYPTION_KEYS_ENV) {
         Ok(keys) if keys.is_empty() => None,
         Ok(keys) => Some(SecretString::from(keys)),
         Err(std::env::VarError::NotPresent) => None,
@@ -236,20 +234,11 @@ fn rotation_key_ring(encryption_keys_file: Option<PathBuf>) -> anyhow::Result<Ke
             anyhow::bail!("{ENCRYPTION_KEYS_ENV} is not valid UTF-8")
         }
     };
-    anyhow::ensure!(
-        keys.is_none() || encryption_keys_file.is_none(),
-        "set either {ENCRYPTION_KEYS_ENV} or --encryption-keys-file / KEEL_ENCRYPTION_KEYS_FILE, not both"
-    );
-    key_ring(&EncryptionArgs {
-        keys,
-        encryption_keys_file,
-    })
-}
-
-/// The key ring from the flag, environment or file.
-pub(crate) fn key_ring(args: &EncryptionArgs) -> anyhow::Result<KeyRing> {
-    let spec = match (&args.keys, &args.encryption_keys_file) {
-        (Some(keys), _) => keys.clone(),
+    let spec = match (from_env, &args.encryption_keys_file) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "set either {ENCRYPTION_KEYS_ENV} or --encryption-keys-file / KEEL_ENCRYPTION_KEYS_FILE, not both"
+        ),
+        (Some(keys), None) => keys,
         (None, Some(path)) => keel_config::read_secret_file(
             "--encryption-keys-file / KEEL_ENCRYPTION_KEYS_FILE",
             path,
@@ -360,7 +349,9 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Admin(AdminCommand::RotateKey {
-                encryption_keys_file: Some(_),
+                encryption: EncryptionArgs {
+                    encryption_keys_file: Some(_)
+                },
                 ..
             })
         ));
