@@ -1,57 +1,20 @@
 //! The layer in front of real tonic services on 127.0.0.1:0.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
 use keel_auth::{Actor, AuthLayer, KeyStore, NewKey, Role, bearer_interceptor};
+use keel_testkit::GrpcServer;
 use secrecy::{ExposeSecret as _, SecretString};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 use tonic::service::Routes;
-use tonic::transport::{Channel, Server};
+use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
 };
 use tower_layer::Layer as _;
-
-/// A server that stops when dropped.
-struct TestServer {
-    addr: SocketAddr,
-    _shutdown: oneshot::Sender<()>,
-}
-
-impl TestServer {
-    async fn start(routes: Routes) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let (shutdown, stop) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            Server::builder()
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stop.await;
-                })
-                .await
-        });
-        TestServer {
-            addr,
-            _shutdown: shutdown,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect")
-    }
-}
 
 async fn store(cache_ttl: Duration) -> KeyStore {
     let env = keel_testkit::TestEnv::new();
@@ -104,8 +67,10 @@ async fn only_valid_keys_reach_the_service() {
     // TTL 0 so the revocation below bites on the next call.
     let store = store(Duration::ZERO).await;
     let (_, health) = tonic_health::server::health_reporter();
-    let server = TestServer::start(Routes::new(AuthLayer::new(store.clone()).layer(health))).await;
-    let channel = server.channel().await;
+    let server = GrpcServer::start(Routes::new(AuthLayer::new(store.clone()).layer(health)))
+        .await
+        .expect("grpc server");
+    let channel = server.channel().await.expect("channel");
     let (id, key) = key(&store, Role::Viewer, "dash").await;
     let bearer = format!("Bearer {}", key.expose_secret());
 
@@ -195,8 +160,8 @@ impl Health for OperatorsOnly {
 async fn handlers_see_the_principal_and_check_its_role() {
     let store = store(Duration::from_secs(5)).await;
     let routes = Routes::new(AuthLayer::new(store.clone()).layer(HealthServer::new(OperatorsOnly)));
-    let server = TestServer::start(routes).await;
-    let channel = server.channel().await;
+    let server = GrpcServer::start(routes).await.expect("grpc server");
+    let channel = server.channel().await.expect("channel");
 
     let (_, operator) = key(&store, Role::Operator, "ops").await;
     let (_, viewer) = key(&store, Role::Viewer, "dash").await;
@@ -214,8 +179,10 @@ async fn handlers_see_the_principal_and_check_its_role() {
 
 #[tokio::test]
 async fn a_service_without_the_layer_has_no_principal() {
-    let server = TestServer::start(Routes::new(HealthServer::new(OperatorsOnly))).await;
-    let channel = server.channel().await;
+    let server = GrpcServer::start(Routes::new(HealthServer::new(OperatorsOnly)))
+        .await
+        .expect("grpc server");
+    let channel = server.channel().await.expect("channel");
     let result = check_with(&channel, &[]).await;
     assert!(
         matches!(&result, Err((Code::Internal, m)) if m.contains("auth layer is not installed")),
@@ -232,8 +199,10 @@ async fn an_unreachable_store_answers_unavailable() {
         .expect("lazy pool");
     let store = KeyStore::new(pool, Duration::ZERO);
     let (_, health) = tonic_health::server::health_reporter();
-    let server = TestServer::start(Routes::new(AuthLayer::new(store).layer(health))).await;
-    let channel = server.channel().await;
+    let server = GrpcServer::start(Routes::new(AuthLayer::new(store).layer(health)))
+        .await
+        .expect("grpc server");
+    let channel = server.channel().await.expect("channel");
     let key = format!("keel_{}", "q".repeat(40));
     let result = check_with(&channel, &[("authorization", format!("Bearer {key}"))]).await;
     assert_eq!(

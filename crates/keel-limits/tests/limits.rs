@@ -1,57 +1,20 @@
 //! The limits layer behind the real auth layer, in front of a real tonic service on 127.0.0.1:0.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use keel_auth::{Actor, AuthLayer, KeyStore, NewKey, Role, bearer_interceptor};
 use keel_limits::{LimitsConfig, LimitsLayer, RETRY_AFTER_MS};
+use keel_testkit::GrpcServer;
 use secrecy::SecretString;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Server};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower_layer::Layer as _;
 use uuid::Uuid;
-
-/// A server that stops when dropped.
-struct TestServer {
-    addr: SocketAddr,
-    _shutdown: oneshot::Sender<()>,
-}
-
-impl TestServer {
-    async fn start(routes: Routes) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let (shutdown, stop) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            Server::builder()
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stop.await;
-                })
-                .await
-        });
-        TestServer {
-            addr,
-            _shutdown: shutdown,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect")
-    }
-}
 
 /// What `bearer_interceptor` returns, boxed so the client type can be named.
 type Interceptor = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Send>;
@@ -60,7 +23,7 @@ type Client = HealthClient<InterceptedService<Channel, Interceptor>>;
 
 /// tonic-health behind auth and limits, with a key store on a fresh database.
 struct Harness {
-    server: TestServer,
+    server: GrpcServer,
     store: KeyStore,
     metrics: keel_server::Metrics,
 }
@@ -77,7 +40,7 @@ impl Harness {
         let (_, health) = tonic_health::server::health_reporter();
         let routes = Routes::new(AuthLayer::new(store.clone()).layer(limits.layer(health)));
         Harness {
-            server: TestServer::start(routes).await,
+            server: GrpcServer::start(routes).await.expect("grpc server"),
             store,
             metrics,
         }
@@ -103,7 +66,7 @@ impl Harness {
 
     async fn client_for(&self, key: SecretString) -> Client {
         let interceptor: Interceptor = Box::new(bearer_interceptor(key));
-        HealthClient::with_interceptor(self.server.channel().await, interceptor)
+        HealthClient::with_interceptor(self.server.channel().await.expect("channel"), interceptor)
     }
 
     fn metrics(&self) -> String {
@@ -324,8 +287,10 @@ async fn without_the_auth_layer_calls_fail_closed() {
     let metrics = keel_server::Metrics::default();
     let limits = LimitsLayer::new(&LimitsConfig::default(), &metrics).expect("valid limits");
     let (_, health) = tonic_health::server::health_reporter();
-    let server = TestServer::start(Routes::new(limits.layer(health))).await;
-    let mut client = HealthClient::new(server.channel().await);
+    let server = GrpcServer::start(Routes::new(limits.layer(health)))
+        .await
+        .expect("grpc server");
+    let mut client = HealthClient::new(server.channel().await.expect("channel"));
     let status = client.check(request("")).await.expect_err("no principal");
     assert_eq!(status.code(), Code::Internal);
     assert_eq!(status.message(), "limits need the auth layer in front");

@@ -760,20 +760,10 @@ async fn credentials_are_sealed_at_rest_and_rotate_to_a_new_key() {
         app.keys.clone(),
         &generous_limits(&keel_server::Metrics::default()),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let server = keel_testkit::GrpcServer::start(tonic::service::Routes::new(service))
         .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+        .expect("grpc server");
+    let channel = server.channel().await.expect("channel");
     let key = app.key("acme", Role::Service).await;
     let mut service_client =
         keel_proto::v1::registry_service_client::RegistryServiceClient::with_interceptor(

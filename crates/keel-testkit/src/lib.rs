@@ -39,6 +39,7 @@
 //! Missing binaries are reported with the Debian package to install (`nats-server`,
 //! `redis-server`, `postgresql-<major>-hypopg`).
 
+mod grpc;
 mod postgres;
 mod process;
 
@@ -50,6 +51,7 @@ use sqlx::{Connection, Executor, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
+pub use grpc::GrpcServer;
 pub use postgres::{PostgresServer, postgres};
 
 use process::{Spec, Supervised};
