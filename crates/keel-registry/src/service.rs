@@ -221,6 +221,7 @@ impl RegistryService for Registry {
         check_size(&request)?;
         let principal = authorize(&request, Role::Viewer, "list instances")?;
         let req = request.get_ref();
+        let digest = filters_digest(req);
         let filter = (|| -> Result<ListFilter, Invalid> {
             let limit = match req.page_size {
                 0 => DEFAULT_PAGE_SIZE,
@@ -239,17 +240,16 @@ impl RegistryService for Registry {
                 engine,
                 environment,
                 selector: selector::parse(&req.label_selector)?,
-                after: parse_page_token(&req.page_token, &filters_digest(req))?,
+                after: parse_page_token(&req.page_token, &digest)?,
                 limit: i64::from(limit),
             })
         })()
         .map_err(RegistryError::from)?;
         let (instances, more) = self.store.list(&principal.tenant, &filter).await?;
         let next_page_token = match instances.last() {
-            Some(last) if more => page_token(
-                Uuid::parse_str(&last.id).unwrap_or_default(),
-                &filters_digest(req),
-            ),
+            Some(last) if more => {
+                page_token(Uuid::parse_str(&last.id).unwrap_or_default(), &digest)
+            }
             _ => String::new(),
         };
         Ok(Response::new(ListInstancesResponse {
