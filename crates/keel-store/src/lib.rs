@@ -10,7 +10,7 @@ use keel_config::DatabaseConfig;
 use secrecy::ExposeSecret;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use sqlx::{ConnectOptions, PgPool};
 
 /// Why the state store could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -64,28 +64,36 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
 /// migration lock, which is held only while DDL runs.
 pub async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> Result<(), StoreError> {
     validate_schema_name(schema)?;
-    let options = pool.connect_options();
-    let mut conn = PgConnection::connect_with(&options)
+    // A pool of one rather than a bare connection: `Migrator::run` on `&mut PgConnection`
+    // makes a future that is not `Send`, so services could not migrate from spawned tasks.
+    let options = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .options([("search_path", schema)]);
+    let migrations = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
         .await
         .map_err(StoreError::Connect)?;
-    create_schema(&mut conn, schema).await?;
-    sqlx::query(&format!("SET search_path TO {schema}"))
-        .execute(&mut conn)
-        .await?;
-    migrator
-        .run(&mut conn)
-        .await
-        .map_err(|source| StoreError::Migrate {
-            schema: schema.to_owned(),
-            source,
-        })?;
-    conn.close().await?;
-    Ok(())
+    let result = async {
+        create_schema(&migrations, schema).await?;
+        migrator
+            .run(&migrations)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                schema: schema.to_owned(),
+                source,
+            })
+    }
+    .await;
+    migrations.close().await;
+    result
 }
 
-async fn create_schema(conn: &mut PgConnection, schema: &str) -> Result<(), StoreError> {
+async fn create_schema(pool: &PgPool, schema: &str) -> Result<(), StoreError> {
     match sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-        .execute(&mut *conn)
+        .execute(pool)
         .await
     {
         Ok(_) => Ok(()),
