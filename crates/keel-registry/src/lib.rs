@@ -20,7 +20,6 @@ use std::sync::Arc;
 use keel_bus::Outbox;
 use keel_proto::v1::registry_service_server::RegistryServiceServer;
 use sqlx::PgPool;
-use tower::Layer as _;
 
 pub use error::RegistryError;
 pub use service::{Registry, RegistryConfig};
@@ -56,14 +55,37 @@ impl Registry {
     }
 }
 
-/// The registry's gRPC service as every process serves it: API keys checked first, then
-/// the caller's per-key limits, then the service.
-pub fn grpc_service(
-    registry: Registry,
-    keys: keel_auth::KeyStore,
-    limits: &keel_limits::LimitsLayer,
-) -> keel_auth::AuthService<keel_limits::LimitsService<RegistryServiceServer<Registry>>> {
-    keel_auth::AuthLayer::new(keys).layer(limits.layer(RegistryServiceServer::new(registry)))
+/// The registry as a process hosts it (see [`keel_service::Host::add`]): its schema, its
+/// outbox and its gRPC service.
+#[derive(Debug)]
+pub struct Service {
+    keys: Arc<KeyRing>,
+    config: RegistryConfig,
+}
+
+impl Service {
+    /// The registry, encrypting with `keys`.
+    pub fn new(keys: Arc<KeyRing>, config: RegistryConfig) -> Self {
+        Self { keys, config }
+    }
+}
+
+impl keel_service::Service for Service {
+    const NAME: &'static str = SCHEMA;
+
+    async fn migrate(pool: &PgPool) -> Result<(), keel_service::BoxError> {
+        Ok(migrate(pool).await?)
+    }
+
+    fn outbox() -> Option<Outbox> {
+        Some(outbox())
+    }
+
+    fn mount(self, mount: &mut keel_service::Mount<'_>) -> Result<(), keel_service::BoxError> {
+        let registry = Registry::new(mount.pool().clone(), self.keys, self.config);
+        mount.grpc(RegistryServiceServer::new(registry));
+        Ok(())
+    }
 }
 
 /// Re-encrypts every connection URL not under the ring's primary key, in batches,

@@ -30,19 +30,23 @@ pub(crate) enum Command {
     Admin(AdminCommand),
 }
 
-/// Which services a process runs.
+/// Which services a process runs. A service is offered here once its crate exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Target {
     /// Every service in one process (a laptop or a small fleet).
     All,
     /// The instance registry.
     Registry,
-    /// The metrics collector.
-    Collector,
-    /// The index optimizer.
-    Optimizer,
-    /// Alert remediation.
-    Remediation,
+}
+
+impl Target {
+    /// The services this target runs, in the order they start.
+    pub(crate) fn services(self) -> &'static [Target] {
+        match self {
+            Target::All => &[Target::Registry],
+            Target::Registry => &[Target::Registry],
+        }
+    }
 }
 
 #[derive(Debug, Args)]
