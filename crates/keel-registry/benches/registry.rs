@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail, ensure};
 use hdrhistogram::Histogram;
 use keel_auth::{Actor, KeyStore, NewKey, Role};
-use keel_bus::{Bus, Relay, RelayConfig, StreamSettings};
+use keel_bus::Bus;
 use keel_config::{DatabaseConfig, ListenConfig, NatsConfig};
 use keel_proto::v1::registry_service_client::RegistryServiceClient;
-use keel_proto::v1::registry_service_server::SERVICE_NAME;
 use keel_proto::v1::{GetInstanceRequest, Instance, ListInstancesRequest, UpdateInstanceRequest};
+use keel_registry::RegistryConfig;
 use keel_registry::crypto::KeyRing;
-use keel_registry::{Registry, RegistryConfig};
+use keel_service::{Host, HostConfig};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use secrecy::SecretString;
@@ -428,8 +428,7 @@ async fn seed(pool: &PgPool) -> anyhow::Result<()> {
 /// The registry as `keel serve` wires it, on listeners bound to port 0.
 struct Served {
     grpc: std::net::SocketAddr,
-    server: tokio::task::JoinHandle<Result<(), keel_server::ServerError>>,
-    relay: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<Result<(), keel_service::HostError>>,
 }
 
 impl Served {
@@ -438,7 +437,6 @@ impl Served {
             .await
             .context("server task failed")?
             .context("server failed")?;
-        self.relay.await.context("relay task failed")?;
         Ok(())
     }
 }
@@ -449,15 +447,6 @@ async fn serve(
     nats_url: &str,
     stop: CancellationToken,
 ) -> anyhow::Result<Served> {
-    let bus = Bus::connect(&NatsConfig::from_url(nats_url), &StreamSettings::default()).await?;
-    let relay = Relay::new(
-        pool.clone(),
-        keel_registry::outbox(),
-        bus.jetstream().clone(),
-        RelayConfig::default(),
-    );
-    let relay = tokio::spawn(relay.run(stop.clone()));
-
     let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
     let http_listener = TcpListener::bind("127.0.0.1:0").await?;
     // Plaintext, so that TLS stays out of the comparison with pgbench (which does not use it
@@ -467,36 +456,38 @@ async fn serve(
         metrics_anonymous: true,
         ..ListenConfig::plaintext(grpc_listener.local_addr()?, http_listener.local_addr()?)
     };
-    // Readiness checks are left out: they run only when /readyz is asked.
-    let mut server = keel_server::Server::new(&listen);
-    server.register_service(SERVICE_NAME);
-    let registry = Registry::new(
-        pool.clone(),
-        std::sync::Arc::new(KeyRing::generate("bench")),
-        RegistryConfig::default(),
-    );
-    // The limits layer runs as in production, with limits far above what this run sends,
-    // so its cost is measured but it never refuses a call.
-    let limits = keel_limits::LimitsLayer::new(
-        &keel_limits::LimitsConfig {
+    let config = HostConfig {
+        // The limits layer runs as in production, with limits far above what this run sends,
+        // so its cost is measured but it never refuses a call.
+        limits: keel_limits::LimitsConfig {
             rate: 1_000_000,
             burst: 1_000_000,
             concurrency: 10_000,
             ..Default::default()
         },
-        server.metrics(),
-    )?;
-    let routes = tonic::service::Routes::new(keel_registry::grpc_service(registry, keys, &limits));
-    let server = tokio::spawn(server.serve_with_listeners(
+        ..HostConfig::new(
+            DatabaseConfig::from_url(String::new()),
+            NatsConfig::from_url(nats_url),
+            listen.clone(),
+        )
+    };
+    // The pool was opened as `keel serve` opens it; the rest is built exactly as `keel serve`
+    // builds it. Readiness checks cost nothing here: they run only when /readyz is asked.
+    let bus = Bus::connect(&config.nats, &config.stream).await?;
+    let mut host = Host::new(pool.clone(), bus, keys, &config)?;
+    host.add(keel_registry::Service::new(
+        std::sync::Arc::new(KeyRing::generate("bench")),
+        RegistryConfig::default(),
+    ))
+    .await?;
+    let server = tokio::spawn(host.serve_with_listeners(
         grpc_listener,
         http_listener,
-        routes,
         async move { stop.cancelled().await },
     ));
     Ok(Served {
         grpc: listen.grpc,
         server,
-        relay,
     })
 }
 

@@ -752,18 +752,12 @@ async fn credentials_are_sealed_at_rest_and_rotate_to_a_new_key() {
     assert_eq!(version, 1, "rotation is not a change of the instance");
 
     // A registry that only knows the new key reads the rotated credentials.
-    let rotated_app_keys = key_ring(K2);
-    let registry =
-        keel_registry::Registry::new(app.pool.clone(), rotated_app_keys, Default::default());
-    let service = keel_registry::grpc_service(
-        registry,
-        app.keys.clone(),
-        &generous_limits(&keel_server::Metrics::default()),
-    );
-    let server = keel_testkit::GrpcServer::start(tonic::service::Routes::new(service))
+    let replica = app.replica(key_ring(K2)).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", replica.grpc))
+        .expect("uri")
+        .connect()
         .await
-        .expect("grpc server");
-    let channel = server.channel().await.expect("channel");
+        .expect("channel");
     let key = app.key("acme", Role::Service).await;
     let mut service_client =
         keel_proto::v1::registry_service_client::RegistryServiceClient::with_interceptor(

@@ -159,8 +159,8 @@ async fn events_committed_while_no_relay_runs_arrive_once_when_relays_start() {
     );
 
     // Two relays come up (a restart, plus a second replica): the event arrives once.
-    app.spawn_relay();
-    app.spawn_relay();
+    let _first = app.replica(key_ring(K1)).await;
+    let _second = app.replica(key_ring(K1)).await;
     let messages = app.events(1).await;
     assert_eq!(messages.len(), 1, "the create event arrived exactly once");
     assert_eq!(

@@ -9,13 +9,13 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use futures::StreamExt;
 use keel_auth::{KeyStore, NewKey, Role};
-use keel_bus::{Bus, Relay, RelayConfig, StreamSettings};
-use keel_config::{ListenConfig, NatsConfig};
+use keel_bus::{Bus, RelayConfig};
+use keel_config::{DatabaseConfig, ListenConfig, NatsConfig};
 use keel_proto::v1::registry_service_client::RegistryServiceClient;
-use keel_proto::v1::registry_service_server::SERVICE_NAME;
 use keel_proto::v1::*;
+use keel_registry::RegistryConfig;
 use keel_registry::crypto::KeyRing;
-use keel_registry::{Registry, RegistryConfig};
+use keel_service::{Host, HostConfig};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -63,24 +63,92 @@ pub struct TestApp {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     issued: Mutex<HashMap<(String, Role), String>>,
+    served: Served,
+}
+
+/// A registry served by a [`keel_service::Host`] the way `keel serve` builds it, stopped on drop.
+pub struct Served {
+    pub pool: PgPool,
+    pub keys: KeyStore,
+    pub bus: Bus,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
     stop: CancellationToken,
 }
 
-impl Drop for TestApp {
+impl Drop for Served {
     fn drop(&mut self) {
         self.stop.cancel();
     }
 }
 
+/// Serves the registry on loopback ports with the test settings: no auth cache (so revocations
+/// show at once), generous limits, anonymous `/metrics` (the secret-leak test scrapes it), a
+/// relay that polls every 200 ms unless `relay` is false.
+pub async fn serve_registry(
+    database_url: &str,
+    nats_url: &str,
+    ring: Arc<KeyRing>,
+    relay: bool,
+) -> Served {
+    let grpc_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let (grpc, http) = (
+        grpc_listener.local_addr().expect("addr"),
+        http_listener.local_addr().expect("addr"),
+    );
+    let mut listen = ListenConfig::plaintext(grpc, http);
+    listen.shutdown_grace = Duration::from_secs(1);
+    listen.metrics_anonymous = true;
+    let config = HostConfig {
+        limits: generous_limits(),
+        auth_cache_ttl: Duration::ZERO,
+        relay: relay.then(|| RelayConfig {
+            poll_interval: Duration::from_millis(200),
+            ..RelayConfig::default()
+        }),
+        ..HostConfig::new(
+            DatabaseConfig::from_url(database_url),
+            NatsConfig::from_url(nats_url),
+            listen,
+        )
+    };
+    let mut host = Host::connect(&config).await.expect("host");
+    host.add(keel_registry::Service::new(
+        ring,
+        RegistryConfig {
+            check_timeout: Duration::from_secs(3),
+        },
+    ))
+    .await
+    .expect("registry");
+    let stop = CancellationToken::new();
+    let served = Served {
+        pool: host.pool().clone(),
+        keys: host.keys().clone(),
+        bus: host.bus().clone(),
+        grpc,
+        http,
+        stop: stop.clone(),
+    };
+    tokio::spawn(async move {
+        let _ = host
+            .serve_with_listeners(grpc_listener, http_listener, async move {
+                stop.cancelled().await
+            })
+            .await;
+    });
+    served
+}
+
 /// Limits high enough never to interfere with a test that is not about them.
-pub fn generous_limits(metrics: &keel_server::Metrics) -> keel_limits::LimitsLayer {
-    let config = keel_limits::LimitsConfig {
+pub fn generous_limits() -> keel_limits::LimitsConfig {
+    keel_limits::LimitsConfig {
         rate: 1_000_000,
         burst: 1_000_000,
         concurrency: 10_000,
         ..Default::default()
-    };
-    keel_limits::LimitsLayer::new(&config, metrics).expect("valid limits")
+    }
 }
 
 pub fn key_ring(spec: &str) -> Arc<KeyRing> {
@@ -92,94 +160,37 @@ pub const K2: &str = "k2:HwAeAR0CHAMbBBoFGQYYBxcIFgkVChQLEwwSDREOEA8=";
 
 impl TestApp {
     pub async fn start() -> TestApp {
-        let app = Self::start_without_relay().await;
-        app.spawn_relay();
-        app
+        Self::start_with(true).await
     }
 
     /// A registry whose outbox nobody publishes: the state after a relay died between
     /// a commit and its publish.
     pub async fn start_without_relay() -> TestApp {
-        let ring = key_ring(K1);
+        Self::start_with(false).await
+    }
+
+    async fn start_with(relay: bool) -> TestApp {
         let env = keel_testkit::TestEnv::new();
         let db = env.database().await.expect("test database");
-        let pool = db.pool().await.expect("pool");
         let nats_url = env.nats_url().await.expect("nats");
-        keel_auth::KeyStore::migrate(&pool)
-            .await
-            .expect("auth schema");
-        keel_registry::migrate(&pool)
-            .await
-            .expect("registry schema");
-        let keys = KeyStore::new(pool.clone(), Duration::ZERO);
-        let bus = Bus::connect(
-            &NatsConfig::from_url(nats_url.clone()),
-            &StreamSettings::default(),
-        )
-        .await
-        .expect("bus");
-
-        let stop = CancellationToken::new();
-
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        let (grpc, http) = (
-            grpc_listener.local_addr().expect("addr"),
-            http_listener.local_addr().expect("addr"),
-        );
-        let mut listen = ListenConfig::plaintext(grpc, http);
-        listen.shutdown_grace = Duration::from_secs(1);
-        // The secret-leak test scrapes /metrics without a token.
-        listen.metrics_anonymous = true;
-        let mut server = keel_server::Server::new(&listen);
-        let limits = generous_limits(server.metrics());
-        server.register_service(SERVICE_NAME);
-        let registry = Registry::new(
-            pool.clone(),
-            ring,
-            RegistryConfig {
-                check_timeout: Duration::from_secs(3),
-            },
-        );
-        let routes = tonic::service::Routes::new(keel_registry::grpc_service(
-            registry,
-            keys.clone(),
-            &limits,
-        ));
-        let shutdown = stop.clone();
-        tokio::spawn(async move {
-            let _ = server
-                .serve_with_listeners(grpc_listener, http_listener, routes, async move {
-                    shutdown.cancelled().await
-                })
-                .await;
-        });
+        let served = serve_registry(&db.url, &nats_url, key_ring(K1), relay).await;
         TestApp {
             env,
-            pool,
+            pool: served.pool.clone(),
             database_url: db.url.clone(),
             nats_url,
-            keys,
-            bus,
-            grpc,
-            http,
+            keys: served.keys.clone(),
+            bus: served.bus.clone(),
+            grpc: served.grpc,
+            http: served.http,
             issued: Mutex::new(HashMap::new()),
-            stop,
+            served,
         }
     }
 
-    /// Starts a relay for the registry's outbox, stopped with the app.
-    pub fn spawn_relay(&self) {
-        let relay = Relay::new(
-            self.pool.clone(),
-            keel_registry::outbox(),
-            self.bus.jetstream().clone(),
-            RelayConfig {
-                poll_interval: Duration::from_millis(200),
-                ..RelayConfig::default()
-            },
-        );
-        tokio::spawn(relay.run(self.stop.child_token()));
+    /// Another registry replica on the same state store and NATS, with its own key ring.
+    pub async fn replica(&self, ring: Arc<KeyRing>) -> Served {
+        serve_registry(&self.database_url, &self.nats_url, ring, true).await
     }
 
     /// The clear key for (tenant, role), created on first use.
