@@ -1,0 +1,177 @@
+//! A whole Keel deployment in the test process: every service `keel serve --target all` runs,
+//! hosted by the same [`keel_service::Host`], on real PostgreSQL and NATS from `keel-testkit`,
+//! and the real `keel` binary as its CLI.
+//!
+//! Cross-service tests live in `tests/tests/`; each service issue adds its own there.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keel_auth::{Actor, NewKey, Role};
+use keel_config::{DatabaseConfig, ListenConfig, NatsConfig};
+use keel_service::{Host, HostConfig};
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The key ring the deployment encrypts credentials with.
+pub const ENCRYPTION_KEYS: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// One Keel deployment: every service in one host, serving on loopback ports.
+#[derive(Debug)]
+pub struct Deployment {
+    /// The servers; dropped last, after the host has stopped.
+    pub env: keel_testkit::TestEnv,
+    /// The state store's URL.
+    pub database_url: String,
+    /// NATS's URL.
+    pub nats_url: String,
+    /// The gRPC listener.
+    pub grpc: SocketAddr,
+    /// The HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+    pub http: SocketAddr,
+    /// An admin key of tenant `acme`.
+    pub admin_key: String,
+    keys: keel_auth::KeyStore,
+    stop: CancellationToken,
+    served: Option<JoinHandle<Result<(), keel_service::HostError>>>,
+}
+
+impl Deployment {
+    /// Starts every service on fresh servers, as `keel serve --target all` would.
+    pub async fn start() -> anyhow::Result<Self> {
+        let env = keel_testkit::TestEnv::new();
+        let db = env.database().await?;
+        let nats_url = env.nats_url().await?;
+        let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let http_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let (grpc, http) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
+        let listen = ListenConfig {
+            shutdown_grace: Duration::from_secs(2),
+            metrics_anonymous: true,
+            ..ListenConfig::plaintext(grpc, http)
+        };
+        let config = HostConfig::new(
+            DatabaseConfig::from_url(db.url.clone()),
+            NatsConfig::from_url(nats_url.clone()),
+            listen,
+        );
+        let mut host = Host::connect(&config).await?;
+        let ring = keel_registry::crypto::KeyRing::parse(&SecretString::from(ENCRYPTION_KEYS))
+            .context("key ring")?;
+        // The same services, built the same way, as `keel serve --target all`.
+        host.add(keel_registry::Service::new(
+            Arc::new(ring),
+            keel_registry::RegistryConfig::default(),
+        ))
+        .await?;
+
+        let keys = host.keys().clone();
+        let admin_key = keys
+            .create_key(
+                NewKey {
+                    tenant: "acme".to_owned(),
+                    role: Role::Admin,
+                    name: "e2e-admin".to_owned(),
+                    expires_at: None,
+                },
+                &Actor::system("keel-e2e"),
+            )
+            .await?
+            .key
+            .expose_secret()
+            .to_owned();
+        let stop = CancellationToken::new();
+        let served = tokio::spawn(host.serve_with_listeners(grpc_listener, http_listener, {
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        }));
+        Ok(Self {
+            env,
+            database_url: db.url,
+            nats_url,
+            grpc,
+            http,
+            admin_key,
+            keys,
+            stop,
+            served: Some(served),
+        })
+    }
+
+    /// A new key of `tenant` with `role`.
+    pub async fn key(&self, tenant: &str, role: Role, name: &str) -> anyhow::Result<String> {
+        let created = self
+            .keys
+            .create_key(
+                NewKey {
+                    tenant: tenant.to_owned(),
+                    role,
+                    name: name.to_owned(),
+                    expires_at: None,
+                },
+                &Actor::system("keel-e2e"),
+            )
+            .await?;
+        Ok(created.key.expose_secret().to_owned())
+    }
+
+    /// Runs the `keel` CLI against this deployment with `key`.
+    pub fn cli(&self, key: &str, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(keel_binary()?)
+            .args(args)
+            .env("KEEL_ENDPOINT", format!("http://{}", self.grpc))
+            .env("KEEL_API_KEY", key)
+            .env("KEEL_DATABASE_URL", &self.database_url)
+            .env("KEEL_NATS_URL", &self.nats_url)
+            .stdin(Stdio::null())
+            .output()
+            .context("running keel")
+    }
+
+    /// Stops serving as a signal would, and waits until the host has drained its outboxes.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        if let Some(served) = self.served.take() {
+            served.await.context("host task")??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The `keel` binary of this build: `cargo test --workspace` builds it beside the test binaries
+/// (`target/<profile>/keel`, the test being in `target/<profile>/deps/`).
+pub fn keel_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary has no profile directory")?;
+    let keel = profile_dir.join("keel");
+    if keel.is_file() {
+        return Ok(keel);
+    }
+    // Run alone (`cargo test -p keel-e2e`), nothing built the binary yet.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "keel", "--bin", "keel"])
+        .status()
+        .context("building the keel binary")?;
+    anyhow::ensure!(
+        status.success() && keel.is_file(),
+        "cannot build {}",
+        keel.display()
+    );
+    Ok(keel)
+}
