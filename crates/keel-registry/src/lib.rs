@@ -15,8 +15,6 @@ mod service;
 mod store;
 mod validate;
 
-use std::sync::Arc;
-
 use keel_bus::Outbox;
 use keel_proto::v1::registry_service_server::RegistryServiceServer;
 use sqlx::PgPool;
@@ -26,7 +24,7 @@ pub use error::RegistryError;
 pub use service::{Registry, RegistryConfig};
 pub use store::{RotationBatch, SCHEMA};
 
-use crate::crypto::KeyRing;
+use crate::crypto::Keys;
 use crate::store::InstanceStore;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -50,9 +48,10 @@ pub fn outbox() -> Outbox {
 }
 
 impl Registry {
-    /// The service over `pool`, encrypting with `keys`.
-    pub fn new(pool: PgPool, keys: Arc<KeyRing>, config: RegistryConfig) -> Self {
-        Self::from_store(InstanceStore::new(pool, keys, outbox()), config)
+    /// The service over `pool`, encrypting with `keys`: a [`crypto::KeyRing`] (`Arc` or not),
+    /// or a [`Keys`] handle that [`Keys::watch_file`] keeps current.
+    pub fn new(pool: PgPool, keys: impl Into<Keys>, config: RegistryConfig) -> Self {
+        Self::from_store(InstanceStore::new(pool, keys.into(), outbox()), config)
     }
 }
 
@@ -70,11 +69,11 @@ pub fn grpc_service(
 /// calling `progress` after each; safe to run while the registry serves and on several replicas.
 pub async fn rotate_keys(
     pool: PgPool,
-    keys: Arc<KeyRing>,
+    keys: impl Into<Keys>,
     batch: i64,
     mut progress: impl FnMut(RotationBatch),
 ) -> Result<u64, RegistryError> {
-    let store = InstanceStore::new(pool, keys, outbox());
+    let store = InstanceStore::new(pool, keys.into(), outbox());
     let mut total = 0;
     loop {
         let step = store.rotate_batch(batch).await?;

@@ -1,7 +1,5 @@
 //! `keel serve`: the services a process runs, wired to the state store, NATS and the listeners.
 
-use std::sync::Arc;
-
 use anyhow::Context as _;
 use keel_auth::{KeyStore, Role};
 use keel_bus::{Bus, Relay, RelayConfig, StreamSettings};
@@ -38,7 +36,16 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.target
         );
     }
-    let ring = Arc::new(key_ring(&args.encryption)?);
+    let ring = keel_registry::crypto::Keys::from(key_ring(&args.encryption)?);
+    // `keel admin rotate-key` needs every server to hold the new key: the ring file is re-read
+    // when it changes, without a restart.
+    let ring_stop = CancellationToken::new();
+    let ring_task = args.encryption.encryption_keys_file.clone().map(|path| {
+        tokio::spawn(
+            ring.clone()
+                .watch_file(path, ring_stop.clone().cancelled_owned()),
+        )
+    });
     let bootstrap_key = args
         .bootstrap_admin_key_file
         .as_deref()
@@ -127,13 +134,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         async move { keys.watch_changes(stop).await }
     });
 
-    tracing::info!(
-        target_services = ?args.target,
-        grpc = %args.listen.grpc,
-        tls = args.listen.tls_cert_file.is_some(),
-        http = %args.listen.http,
-        "keel serving"
-    );
+    // `Server::serve` logs "serving" with the bound addresses once the listeners are up.
     let served = server.serve(routes, keel_server::shutdown_signal()).await;
 
     // Requests that finished during the grace period may have left events behind:
@@ -142,6 +143,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = relay_task.await;
     keys_stop.cancel();
     let _ = keys_task.await;
+    ring_stop.cancel();
+    if let Some(task) = ring_task {
+        let _ = task.await;
+    }
     match relay.publish_pending().await {
         Ok(n) if n > 0 => tracing::info!(published = n, "published remaining events before exit"),
         Ok(_) => {}
