@@ -52,8 +52,11 @@ impl Outbox {
     /// additive, so replicas may run them concurrently at start.
     pub async fn install(&self, pool: &PgPool) -> Result<(), BusError> {
         let s = &self.schema;
+        // SET LOCAL lasts only for this one multi-statement query (an implicit transaction): it
+        // keeps the "already exists, skipping" NOTICEs of every later start out of the log.
         let ddl = format!(
-            "CREATE SCHEMA IF NOT EXISTS {s};
+            "SET LOCAL client_min_messages = warning;
+             CREATE SCHEMA IF NOT EXISTS {s};
              CREATE TABLE IF NOT EXISTS {s}.outbox (
                  id uuid PRIMARY KEY,
                  subject text NOT NULL,

@@ -4,14 +4,27 @@
 //! front, `keel admin rotate-key` re-encrypts the rows, and the old key is dropped
 //! afterwards, all without downtime. The tenant and instance id are bound in as
 //! associated data, so a ciphertext copied onto another row does not decrypt.
+//!
+//! A running process holds its ring through [`Keys`], which [`Keys::watch_file`] replaces whole
+//! when the ring file changes: rotation never needs a restart.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use base64::Engine as _;
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest as _, Sha256};
 
 const NONCE_LEN: usize = 12;
+
+/// How often [`Keys::watch_file`] re-reads the ring file, as the TLS files are: by content, so a
+/// Kubernetes Secret update (a symlink swapped to a new directory) is seen too.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Why the key ring could not be built or used.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +33,9 @@ pub enum CryptoError {
     #[error("invalid encryption key ring: {0}")]
     InvalidKeyRing(String),
     /// A row was encrypted under a key id the ring does not have.
-    #[error("no encryption key with id {0:?} in the key ring; add it back to KEEL_ENCRYPTION_KEYS")]
+    #[error(
+        "credentials are encrypted under key {0:?}, which is not in this key ring: add key {0} to KEEL_ENCRYPTION_KEYS_FILE on every server"
+    )]
     UnknownKey(String),
     /// The ciphertext or its associated data was altered, or the key is wrong.
     #[error("ciphertext under key {0:?} does not decrypt: wrong key or tampered row")]
@@ -43,8 +58,9 @@ pub struct KeyRing {
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
-        f.debug_struct("KeyRing").field("key_ids", &ids).finish()
+        f.debug_struct("KeyRing")
+            .field("key_ids", &self.key_ids())
+            .finish()
     }
 }
 
@@ -119,6 +135,11 @@ impl KeyRing {
         &self.keys[0].0
     }
 
+    /// Ids of every key, the encrypting one first.
+    pub fn key_ids(&self) -> Vec<&str> {
+        self.keys.iter().map(|(id, _)| id.as_str()).collect()
+    }
+
     /// Encrypts `plaintext` under the primary key, bound to `aad`.
     pub fn seal(&self, plaintext: &str, aad: &[u8]) -> Sealed {
         let (id, cipher) = &self.keys[0];
@@ -166,6 +187,127 @@ impl KeyRing {
         String::from_utf8(plaintext)
             .map(SecretString::from)
             .map_err(|_| CryptoError::Decrypt(sealed.key_id.clone()))
+    }
+}
+
+/// The key ring a process uses now: cheap to clone, every clone sees the same ring, and the ring
+/// is replaced whole, so one operation takes one ring ([`Keys::current`]) and never mixes two.
+#[derive(Clone)]
+pub struct Keys {
+    current: Arc<RwLock<Arc<KeyRing>>>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.current().fmt(f)
+    }
+}
+
+impl From<KeyRing> for Keys {
+    fn from(ring: KeyRing) -> Self {
+        Self::from(Arc::new(ring))
+    }
+}
+
+impl From<Arc<KeyRing>> for Keys {
+    fn from(ring: Arc<KeyRing>) -> Self {
+        Self {
+            current: Arc::new(RwLock::new(ring)),
+        }
+    }
+}
+
+impl Keys {
+    /// The ring in use now.
+    pub fn current(&self) -> Arc<KeyRing> {
+        // The ring is swapped whole, so a panic elsewhere cannot leave it half-written.
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the ring for every clone; operations already running finish with the old one.
+    pub fn replace(&self, ring: KeyRing) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ring);
+    }
+
+    /// Re-reads the ring file at `path` every 2 s until `stop` resolves, and replaces the ring
+    /// when the file's contents changed and parse. A file that cannot be read or parsed keeps the
+    /// ring in use, with one warning per distinct problem (which never quotes key material).
+    pub async fn watch_file(self, path: PathBuf, stop: impl Future<Output = ()>) {
+        self.watch_file_every(path, RELOAD_INTERVAL, stop).await;
+    }
+
+    async fn watch_file_every(
+        self,
+        path: PathBuf,
+        interval: Duration,
+        stop: impl Future<Output = ()>,
+    ) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        // The ring in use came from this file (or from the environment): a digest of what was
+        // read, so the secret itself is not kept around just to notice a change.
+        let mut seen: Option<[u8; 32]> = None;
+        let mut last_problem: Option<String> = None;
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = ticks.tick() => {}
+            }
+            let spec = match tokio::fs::read(&path).await.map(String::from_utf8) {
+                Ok(Ok(text)) => SecretString::from(text),
+                Ok(Err(_)) => {
+                    self.warn_once(&mut last_problem, &path, "the file is not UTF-8".into());
+                    continue;
+                }
+                Err(error) => {
+                    self.warn_once(&mut last_problem, &path, error.to_string());
+                    continue;
+                }
+            };
+            let digest: [u8; 32] = Sha256::digest(spec.expose_secret().as_bytes()).into();
+            if seen == Some(digest) {
+                continue;
+            }
+            let first_read = seen.is_none();
+            // Remembered even when it fails: the same broken file is not warned about every
+            // tick; the next change is read again.
+            seen = Some(digest);
+            match KeyRing::parse(&spec) {
+                Ok(ring) => {
+                    last_problem = None;
+                    let before = self.current();
+                    if first_read && before.key_ids() == ring.key_ids() {
+                        // Most likely the very file the ring was built from at start.
+                        self.replace(ring);
+                        continue;
+                    }
+                    tracing::info!(
+                        file = %path.display(),
+                        key_ids = ?ring.key_ids(),
+                        primary = ring.primary_id(),
+                        "encryption key ring reloaded"
+                    );
+                    self.replace(ring);
+                }
+                Err(error) => self.warn_once(&mut last_problem, &path, error.to_string()),
+            }
+        }
+    }
+
+    fn warn_once(&self, last: &mut Option<String>, path: &std::path::Path, problem: String) {
+        if last.as_deref() != Some(problem.as_str()) {
+            tracing::warn!(
+                file = %path.display(),
+                error = %problem,
+                key_ids = ?self.current().key_ids(),
+                "cannot reload the encryption key ring; still using the previous one"
+            );
+            *last = Some(problem);
+        }
     }
 }
 
@@ -239,5 +381,68 @@ mod tests {
         let keys = ring(&format!("k1:{K1}")).expect("ring");
         let shown = format!("{keys:?}");
         assert!(shown.contains("k1") && !shown.contains(K1), "{shown}");
+    }
+
+    /// Waits (bounded) until the handle's primary key is `primary`.
+    async fn wait_primary(keys: &Keys, primary: &str) {
+        for _ in 0..200 {
+            if keys.current().primary_id() == primary {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "primary is {:?}, not {primary:?}",
+            keys.current().primary_id()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_changed_ring_file_is_picked_up_and_a_bad_one_keeps_the_old_ring() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("k1:{K1}\n")).expect("write");
+        let keys = Keys::from(ring(&format!("k1:{K1}")).expect("ring"));
+        let sealed_k1 = keys.current().seal("postgres://app:pw@db/shop", b"aad");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let watcher = tokio::spawn(keys.clone().watch_file_every(
+            path.clone(),
+            Duration::from_millis(20),
+            stop.clone().cancelled_owned(),
+        ));
+
+        // The new key first, the old one kept: rows under either decrypt.
+        std::fs::write(&path, format!("k2:{K2}\nk1:{K1}\n")).expect("write");
+        wait_primary(&keys, "k2").await;
+        assert_eq!(keys.current().key_ids(), ["k2", "k1"]);
+        assert!(keys.current().open(&sealed_k1, b"aad").is_ok());
+
+        // Broken files (bad base64, missing, empty) keep the ring in use.
+        for broken in [Some("k3:!!!"), None, Some("")] {
+            match broken {
+                Some(text) => std::fs::write(&path, text).expect("write"),
+                None => std::fs::remove_file(&path).expect("remove"),
+            }
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            assert_eq!(keys.current().key_ids(), ["k2", "k1"], "after {broken:?}");
+        }
+
+        // The next good file is applied again.
+        std::fs::write(&path, format!("k1:{K1}")).expect("write");
+        wait_primary(&keys, "k1").await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .expect("watcher stops when told")
+            .expect("watcher task");
+    }
+
+    #[test]
+    fn unknown_key_names_the_id_and_the_fix() {
+        let message = CryptoError::UnknownKey("k2".into()).to_string();
+        assert!(
+            message.contains("add key k2 to KEEL_ENCRYPTION_KEYS_FILE on every server"),
+            "{message}"
+        );
     }
 }

@@ -52,6 +52,12 @@ impl From<RegistryError> for tonic::Status {
                 tracing::warn!("state store connection pool exhausted");
                 Status::unavailable("the state store is busy; retry shortly")
             }
+            // The operator's to fix, not a bug: a key added on one server (or by
+            // `keel admin rotate-key`) but not yet on this one. The id is no secret.
+            RegistryError::Crypto(CryptoError::UnknownKey(_)) => {
+                tracing::warn!(error = %err, "a stored credential needs a key this server lacks");
+                Status::failed_precondition(err.to_string())
+            }
             RegistryError::Crypto(_) | RegistryError::Database(_) | RegistryError::Bus(_) => {
                 // Details stay in the log: they can name tables, keys or hosts.
                 tracing::error!(error = %err, "registry request failed");

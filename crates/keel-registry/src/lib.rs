@@ -15,7 +15,7 @@ mod service;
 mod store;
 mod validate;
 
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use keel_bus::Outbox;
 use keel_proto::v1::registry_service_server::RegistryServiceServer;
@@ -25,7 +25,7 @@ pub use error::RegistryError;
 pub use service::{Registry, RegistryConfig};
 pub use store::{RotationBatch, SCHEMA};
 
-use crate::crypto::KeyRing;
+use crate::crypto::Keys;
 use crate::store::InstanceStore;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -49,9 +49,10 @@ pub fn outbox() -> Outbox {
 }
 
 impl Registry {
-    /// The service over `pool`, encrypting with `keys`.
-    pub fn new(pool: PgPool, keys: Arc<KeyRing>, config: RegistryConfig) -> Self {
-        Self::from_store(InstanceStore::new(pool, keys, outbox()), config)
+    /// The service over `pool`, encrypting with `keys`: a [`crypto::KeyRing`] (`Arc` or not),
+    /// or a [`Keys`] handle that [`Keys::watch_file`] keeps current.
+    pub fn new(pool: PgPool, keys: impl Into<Keys>, config: RegistryConfig) -> Self {
+        Self::from_store(InstanceStore::new(pool, keys.into(), outbox()), config)
     }
 }
 
@@ -59,14 +60,26 @@ impl Registry {
 /// outbox and its gRPC service.
 #[derive(Debug)]
 pub struct Service {
-    keys: Arc<KeyRing>,
+    keys: Keys,
+    keys_file: Option<PathBuf>,
     config: RegistryConfig,
 }
 
 impl Service {
     /// The registry, encrypting with `keys`.
-    pub fn new(keys: Arc<KeyRing>, config: RegistryConfig) -> Self {
-        Self { keys, config }
+    pub fn new(keys: impl Into<Keys>, config: RegistryConfig) -> Self {
+        Self {
+            keys: keys.into(),
+            keys_file: None,
+            config,
+        }
+    }
+
+    /// Re-reads the key ring from `path` while serving (see [`Keys::watch_file`]), so that
+    /// `keel admin rotate-key` can use a key added to the file after the server started.
+    pub fn watch_keys_file(mut self, path: Option<PathBuf>) -> Self {
+        self.keys_file = path;
+        self
     }
 }
 
@@ -82,6 +95,12 @@ impl keel_service::Service for Service {
     }
 
     fn mount(self, mount: &mut keel_service::Mount<'_>) -> Result<(), keel_service::BoxError> {
+        if let Some(path) = self.keys_file {
+            let keys = self.keys.clone();
+            mount.task("encryption key ring file", move |stop| {
+                keys.watch_file(path, stop.cancelled_owned())
+            });
+        }
         let registry = Registry::new(mount.pool().clone(), self.keys, self.config);
         mount.grpc(RegistryServiceServer::new(registry));
         Ok(())
@@ -92,11 +111,11 @@ impl keel_service::Service for Service {
 /// calling `progress` after each; safe to run while the registry serves and on several replicas.
 pub async fn rotate_keys(
     pool: PgPool,
-    keys: Arc<KeyRing>,
+    keys: impl Into<Keys>,
     batch: i64,
     mut progress: impl FnMut(RotationBatch),
 ) -> Result<u64, RegistryError> {
-    let store = InstanceStore::new(pool, keys, outbox());
+    let store = InstanceStore::new(pool, keys.into(), outbox());
     let mut total = 0;
     loop {
         let step = store.rotate_batch(batch).await?;

@@ -1,7 +1,6 @@
 //! Instances in the `registry` schema: one row each, every change and its event in one transaction.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use keel_bus::Outbox;
 use keel_proto::v1::{Engine, Instance, MonitoringEndpoint};
@@ -12,7 +11,7 @@ use uuid::Uuid;
 
 use crate::connection::ConnectionUrl;
 use crate::convert::{COLUMNS, Endpoint, InstanceRow, stored_engine, stored_role};
-use crate::crypto::{KeyRing, Sealed};
+use crate::crypto::{Keys, Sealed};
 use crate::error::RegistryError;
 use crate::events;
 use crate::selector::Requirement;
@@ -65,7 +64,7 @@ pub(crate) struct Health {
 #[derive(Debug, Clone)]
 pub(crate) struct InstanceStore {
     pool: PgPool,
-    keys: Arc<KeyRing>,
+    keys: Keys,
     outbox: Outbox,
 }
 
@@ -75,7 +74,7 @@ fn aad(tenant: &str, id: Uuid) -> Vec<u8> {
 }
 
 impl InstanceStore {
-    pub(crate) fn new(pool: PgPool, keys: Arc<KeyRing>, outbox: Outbox) -> Self {
+    pub(crate) fn new(pool: PgPool, keys: Keys, outbox: Outbox) -> Self {
         Self { pool, keys, outbox }
     }
 
@@ -85,7 +84,7 @@ impl InstanceStore {
         new: NewInstance,
     ) -> Result<Instance, RegistryError> {
         let id = Uuid::now_v7();
-        let sealed = self.keys.seal(
+        let sealed = self.keys.current().seal(
             secrecy::ExposeSecret::expose_secret(&new.url.clear),
             &aad(tenant, id),
         );
@@ -197,7 +196,7 @@ impl InstanceStore {
             query.push(", name = ").push_bind(name.clone());
         }
         if let Some(url) = &changes.url {
-            let sealed = self.keys.seal(
+            let sealed = self.keys.current().seal(
                 secrecy::ExposeSecret::expose_secret(&url.clear),
                 &aad(tenant, id),
             );
@@ -307,6 +306,7 @@ impl InstanceStore {
         let (bytes, key_id, row) = row.ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         let clear = self
             .keys
+            .current()
             .open(&Sealed { key_id, bytes }, &aad(tenant, id))?;
         Ok((clear, Instance::from(&row)))
     }
@@ -341,7 +341,9 @@ impl InstanceStore {
     /// Each row is rewritten only if its version is unchanged, without bumping it:
     /// a concurrent update wins and the row is picked up again by the next batch.
     pub(crate) async fn rotate_batch(&self, batch: i64) -> Result<RotationBatch, RegistryError> {
-        let primary = self.keys.primary_id().to_owned();
+        // One ring for the whole batch, even if the file is reloaded meanwhile.
+        let ring = self.keys.current();
+        let primary = ring.primary_id().to_owned();
         let rows: Vec<(Uuid, String, i64, String, Vec<u8>)> = sqlx::query_as(
             "SELECT id, tenant, version, key_id, url_ciphertext FROM registry.instances
              WHERE key_id <> $1 ORDER BY id LIMIT $2",
@@ -352,14 +354,14 @@ impl InstanceStore {
         .await?;
         let mut rotated = 0;
         for (id, tenant, version, key_id, bytes) in &rows {
-            let clear = self.keys.open(
+            let clear = ring.open(
                 &Sealed {
                     key_id: key_id.clone(),
                     bytes: bytes.clone(),
                 },
                 &aad(tenant, *id),
             )?;
-            let sealed = self.keys.seal(
+            let sealed = ring.seal(
                 secrecy::ExposeSecret::expose_secret(&clear),
                 &aad(tenant, *id),
             );

@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq as _;
 use crate::Metrics;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Longest a readiness check may take. The checks run concurrently, so `/readyz` answers within
@@ -148,8 +149,15 @@ async fn metrics_handler(State(state): State<HttpState>, headers: HeaderMap) -> 
         )
             .into_response();
     }
-    match state.metrics.encode() {
-        Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
+    // OpenMetrics to those who ask for it (Prometheus does), the 0.0.4 text format to everyone
+    // else, as the Go and Python clients do: `curl … | promtool check metrics` reads only 0.0.4.
+    let (content_type, encoded) = if accepts_openmetrics(&headers) {
+        (OPENMETRICS, state.metrics.encode())
+    } else {
+        (PROMETHEUS_TEXT, state.metrics.encode_prometheus_text())
+    };
+    match encoded {
+        Ok(text) => ([(header::CONTENT_TYPE, content_type)], text).into_response(),
         Err(error) => {
             tracing::error!(%error, "encoding metrics failed");
             (
@@ -160,6 +168,28 @@ async fn metrics_handler(State(state): State<HttpState>, headers: HeaderMap) -> 
                 .into_response()
         }
     }
+}
+
+/// Whether `Accept` names OpenMetrics with a quality above zero.
+fn accepts_openmetrics(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let is_openmetrics = parts
+                .next()
+                .is_some_and(|media| media.eq_ignore_ascii_case("application/openmetrics-text"));
+            let refused = parts.any(|param| {
+                param
+                    .strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            is_openmetrics && !refused
+        })
 }
 
 /// Liveness: the process answers HTTP. Dependencies are `/readyz`'s business, so that an outage
@@ -220,6 +250,26 @@ mod tests {
             );
         }
         assert_eq!(auth.allows(&headers), allowed, "{authorization:?}");
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        let accepts = |value: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(header::ACCEPT, value.parse().expect("a valid header value"));
+            }
+            accepts_openmetrics(&headers)
+        };
+        // What Prometheus 2.x sends by default.
+        assert!(accepts(Some(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )));
+        assert!(accepts(Some("Application/OpenMetrics-Text")));
+        assert!(!accepts(None));
+        assert!(!accepts(Some("*/*")));
+        assert!(!accepts(Some("text/plain;version=0.0.4")));
+        assert!(!accepts(Some("application/openmetrics-text;q=0")));
     }
 
     #[test]

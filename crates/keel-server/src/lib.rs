@@ -146,10 +146,11 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server for the addresses and shutdown grace in `listen`, with an empty metrics registry
-    /// holding only the gRPC server metrics.
+    /// A server for the addresses and shutdown grace in `listen`, with a metrics registry holding
+    /// `keel_build_info`, the `process_*` metrics and the gRPC server metrics.
     pub fn new(listen: &ListenConfig) -> Self {
         let metrics = Metrics::default();
+        metrics::register_process_and_build(&metrics);
         let grpc_metrics = GrpcMetrics::register(&metrics);
         Self {
             listen: listen.clone(),

@@ -1,4 +1,5 @@
-//! The Prometheus registry shared by a process, and the gRPC metrics layer.
+//! The Prometheus registry shared by a process, the process and build metrics every process
+//! exposes from its start, and the gRPC metrics layer.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -9,11 +10,13 @@ use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Metric, Registry};
+use prometheus_client::registry::{Metric, Registry, Unit};
 use prost::Message as _;
 
 /// The Prometheus registry of a process, served as OpenMetrics text on `/metrics`.
@@ -48,6 +51,160 @@ impl Metrics {
         })?;
         Ok(text)
     }
+
+    /// The registry in the Prometheus text format 0.0.4, for clients that do not ask for
+    /// OpenMetrics: `curl`, `promtool check metrics`, older scrapers.
+    pub fn encode_prometheus_text(&self) -> Result<String, std::fmt::Error> {
+        Ok(openmetrics_to_prometheus_text(&self.encode()?))
+    }
+}
+
+/// Rewrites the OpenMetrics that prometheus-client writes as Prometheus text format 0.0.4.
+///
+/// The formats differ, for what Keel registers, in three places: a counter family is named
+/// without `_total` in OpenMetrics and with it in 0.0.4 (its samples are `_total` in both; a
+/// 0.0.4 parser otherwise sees samples without HELP or TYPE); `# UNIT` and `# EOF` do not exist in
+/// 0.0.4 (they would be read as comments, and are dropped); and `unknown` is `untyped`. Info,
+/// stateset and gauge-histogram families and exemplars have no 0.0.4 form: Keel registers none,
+/// and the promtool test of `/metrics` fails if one appears.
+fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut lines = openmetrics.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or_default();
+            // prometheus-client writes HELP just before TYPE.
+            let is_counter = lines
+                .peek()
+                .and_then(|next| next.strip_prefix("# TYPE "))
+                .is_some_and(|typed| typed.strip_suffix(" counter") == Some(name));
+            if is_counter {
+                out.push_str("# HELP ");
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(&rest[name.len()..]);
+                out.push('\n');
+                continue;
+            }
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.strip_suffix(" counter") {
+                out.push_str("# TYPE ");
+                out.push_str(name);
+                out.push_str("_total counter\n");
+                continue;
+            }
+            if let Some(name) = rest.strip_suffix(" unknown") {
+                out.push_str("# TYPE ");
+                out.push_str(name);
+                out.push_str(" untyped\n");
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The standard `process_*` metrics (as every Prometheus client library names them), read from
+/// the operating system at each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let process = metrics_process::collector::collect();
+        if let Some(seconds) = process.cpu_seconds_total {
+            let metric = ConstCounter::new(seconds);
+            metric.encode(encoder.encode_descriptor(
+                "process_cpu",
+                "Total user and system CPU time spent in seconds.",
+                Some(&Unit::Seconds),
+                metric.metric_type(),
+            )?)?;
+        }
+        let gauges = [
+            (
+                "process_resident_memory",
+                "Resident memory size in bytes.",
+                Some(Unit::Bytes),
+                process.resident_memory_bytes,
+            ),
+            (
+                "process_virtual_memory",
+                "Virtual memory size in bytes.",
+                Some(Unit::Bytes),
+                process.virtual_memory_bytes,
+            ),
+            (
+                "process_start_time",
+                "Start time of the process since the Unix epoch in seconds.",
+                Some(Unit::Seconds),
+                process.start_time_seconds,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                None,
+                process.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors (0: unlimited).",
+                None,
+                process.max_fds,
+            ),
+            (
+                "process_threads",
+                "Number of OS threads in the process.",
+                None,
+                process.threads,
+            ),
+        ];
+        for (name, help, unit, value) in gauges {
+            // A value the platform does not report is left out rather than shown as 0.
+            let Some(value) = value else { continue };
+            let metric = ConstGauge::new(value);
+            metric.encode(encoder.encode_descriptor(
+                name,
+                help,
+                unit.as_ref(),
+                metric.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    os: &'static str,
+    arch: &'static str,
+}
+
+/// Registers `keel_build_info` (always 1, the build in its labels) and the `process_*` metrics,
+/// so that `/metrics` has content from the start and dashboards can tell versions apart.
+pub(crate) fn register_process_and_build(metrics: &Metrics) {
+    // A gauge, not an OpenMetrics info metric, which the 0.0.4 text format cannot express.
+    let build = Family::<BuildLabels, Gauge>::default();
+    build
+        .get_or_create(&BuildLabels {
+            // All crates share the workspace version.
+            version: env!("CARGO_PKG_VERSION"),
+            os: std::env::consts::OS,
+            arch: std::env::consts::ARCH,
+        })
+        .set(1);
+    metrics.register(
+        "keel_build_info",
+        "Always 1; the labels say which build of Keel this process runs",
+        build,
+    );
+    metrics.with_registry(|registry| registry.register_collector(Box::new(ProcessCollector)));
 }
 
 /// Label value standing for any service or method not in the allow-list, so a client sending
@@ -373,6 +530,49 @@ fn code_name(code: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_text_names_counter_families_like_their_samples() {
+        let metrics = Metrics::default();
+        let calls = Counter::<u64>::default();
+        calls.inc();
+        metrics.register("keel_test_calls", "Calls", calls);
+        let time = Histogram::new(exponential_buckets(0.1, 2.0, 2));
+        time.observe(0.15);
+        metrics.with_registry(|registry| {
+            registry.register_with_unit("keel_test_time", "Time", Unit::Seconds, time);
+        });
+        register_process_and_build(&metrics);
+
+        let text = metrics.encode_prometheus_text().expect("encode");
+        for expected in [
+            "# HELP keel_test_calls_total Calls.\n# TYPE keel_test_calls_total counter\nkeel_test_calls_total 1\n",
+            "# TYPE keel_test_time_seconds histogram\n",
+            "keel_test_time_seconds_bucket{le=\"0.2\"} 1\n",
+            "# TYPE process_cpu_seconds_total counter\n",
+            "# TYPE process_resident_memory_bytes gauge\n",
+            "# TYPE process_open_fds gauge\n",
+            "# TYPE process_start_time_seconds gauge\n",
+            &format!(
+                "keel_build_info{{version=\"{}\",os=\"{}\",arch=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            ),
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        for absent in ["# EOF", "# UNIT", "# TYPE keel_test_calls counter"] {
+            assert!(!text.contains(absent), "{absent:?} in\n{text}");
+        }
+        // OpenMetrics stays as it was.
+        let openmetrics = metrics.encode().expect("encode");
+        assert!(
+            openmetrics.contains("# TYPE keel_test_calls counter\n"),
+            "{openmetrics}"
+        );
+        assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    }
 
     #[test]
     fn codes_have_canonical_names() {

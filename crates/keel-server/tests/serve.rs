@@ -80,9 +80,14 @@ async fn get_with(
     let authorization = authorization
         .map(|value| format!("authorization: {value}\r\n"))
         .unwrap_or_default();
+    get_with_headers(addr, path, &authorization).await
+}
+
+/// Status, `Content-Type` and body of a plain HTTP/1.0 GET with `headers` (CRLF-terminated lines).
+async fn get_with_headers(addr: SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{authorization}\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n").as_bytes())
         .await
         .unwrap();
     let mut raw = String::new();
@@ -226,7 +231,12 @@ async fn metrics_count_grpc_calls_with_bounded_labels() {
         tonic::Code::Unimplemented
     );
 
-    let (status, content_type, body) = get(running.http, "/metrics").await;
+    let (status, content_type, body) = get_with_headers(
+        running.http,
+        "/metrics",
+        "accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n",
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(
         content_type,
@@ -245,6 +255,19 @@ async fn metrics_count_grpc_calls_with_bounded_labels() {
     }
     assert!(body.ends_with("# EOF\n"), "{body}");
     assert!(!body.contains("Two"), "{body}");
+
+    // Without asking for OpenMetrics: the 0.0.4 text format, counters named like their samples.
+    let (status, content_type, body) = get(running.http, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    for expected in [
+        "# TYPE grpc_server_handled_total counter",
+        r#"grpc_server_handled_total{grpc_service="grpc.health.v1.Health",grpc_method="Check",grpc_code="OK"} 2"#,
+        "# TYPE keel_test_things_total counter",
+    ] {
+        assert!(body.contains(expected), "missing {expected:?} in\n{body}");
+    }
+    assert!(!body.contains("# EOF"), "{body}");
 
     running.stop.send(()).unwrap();
     running.served.await.unwrap().unwrap();
@@ -362,7 +385,7 @@ async fn metrics_need_the_bearer_token_from_the_token_file() {
     check(Some("Bearer scrape-me-too"), 401).await;
     check(Some("Basic scrape-me"), 401).await;
     let body = check(Some("Bearer scrape-me"), 200).await;
-    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert!(body.contains("keel_build_info{"), "{body}");
     // Probes stay open.
     assert_eq!(get(running.http, "/healthz").await.0, 200);
     assert_eq!(get(running.http, "/readyz").await.0, 200);

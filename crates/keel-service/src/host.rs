@@ -68,16 +68,16 @@ pub enum HostError {
     #[error(transparent)]
     Config(#[from] keel_config::ConfigError),
     /// The state store cannot be reached.
-    #[error("cannot open the state store: {0}")]
+    #[error(transparent)]
     Store(#[from] keel_store::StoreError),
     /// The `auth` schema cannot be migrated.
-    #[error("cannot migrate the auth schema: {0}")]
+    #[error("cannot migrate the auth schema")]
     Auth(#[from] keel_auth::AuthError),
     /// NATS cannot be reached, or the event stream cannot be created.
     #[error(transparent)]
     Bus(#[from] keel_bus::BusError),
     /// A service failed to migrate its schema.
-    #[error("cannot migrate the {service} schema: {source}")]
+    #[error("cannot migrate the {service} schema")]
     Migrate {
         /// The service's name.
         service: &'static str,
@@ -85,7 +85,7 @@ pub enum HostError {
         source: BoxError,
     },
     /// A service failed to mount its parts.
-    #[error("cannot start the {service} service: {source}")]
+    #[error("cannot start the {service} service")]
     Mount {
         /// The service's name.
         service: &'static str,
@@ -331,7 +331,7 @@ impl Host {
                 tracing::trace!(task = name, "stopped");
             });
         }
-        tracing::debug!(services = ?self.services, "services mounted");
+        tracing::info!(services = ?self.services, "services mounted");
         let served = serve(self.server, self.routes.routes(), Box::pin(shutdown)).await;
 
         stop.cancel();

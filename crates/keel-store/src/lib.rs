@@ -19,8 +19,24 @@ pub enum StoreError {
     #[error("invalid database URL: {0}")]
     InvalidUrl(#[source] sqlx::Error),
     /// The server could not be reached or refused the connection.
+    // Not a `#[source]`: sqlx's message already ends with its cause, and an error chain printed
+    // with its sources would say it twice.
     #[error("cannot connect to the state store: {0}")]
-    Connect(#[source] sqlx::Error),
+    Connect(sqlx::Error),
+    /// The server answers, but the database in the URL does not exist on it.
+    #[error(
+        "database \"{database}\" does not exist on {host}:{port}: create it with createdb -h {host} -p {port} -U {user} {database}"
+    )]
+    MissingDatabase {
+        /// The database in the URL.
+        database: String,
+        /// The server's host (or socket directory).
+        host: String,
+        /// The server's port.
+        port: u16,
+        /// The user Keel connects as.
+        user: String,
+    },
     /// A schema name that is not a plain lowercase identifier.
     #[error("invalid schema name {0:?}: use lowercase letters, digits and '_'")]
     InvalidSchema(String),
@@ -44,6 +60,7 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
         .application_name("keel")
         // Statement logging would put instance data into logs at INFO; keep it for debugging only.
         .log_statements(tracing::log::LevelFilter::Debug);
+    let target = options.clone();
     let pool = PgPoolOptions::new()
         // The default pings every connection before each use, a round trip per query; a
         // broken connection fails its query instead, which callers already handle.
@@ -52,8 +69,28 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
         .acquire_timeout(config.acquire_timeout)
         .connect_with(options)
         .await
-        .map_err(StoreError::Connect)?;
+        .map_err(|error| connect_error(error, &target))?;
     Ok(pool)
+}
+
+/// A missing database gets its own error saying how to create it; the rest stay as sqlx says.
+fn connect_error(error: sqlx::Error, target: &PgConnectOptions) -> StoreError {
+    // SQLSTATE 3D000, invalid_catalog_name: what the server answers for an unknown database.
+    let missing =
+        matches!(&error, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"));
+    if !missing {
+        return StoreError::Connect(error);
+    }
+    StoreError::MissingDatabase {
+        // A URL without a database name connects to the one named like the user.
+        database: target
+            .get_database()
+            .unwrap_or(target.get_username())
+            .to_owned(),
+        host: target.get_host().to_owned(),
+        port: target.get_port(),
+        user: target.get_username().to_owned(),
+    }
 }
 
 /// Creates `schema` if needed and applies `migrator` inside it.
@@ -70,7 +107,9 @@ pub async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> Result
         .connect_options()
         .as_ref()
         .clone()
-        .options([("search_path", schema)]);
+        // `IF NOT EXISTS` answers every start after the first with NOTICEs ("already exists,
+        // skipping") that sqlx logs at INFO: noise, on this session only. Warnings still show.
+        .options([("search_path", schema), ("client_min_messages", "warning")]);
     let migrations = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(options)

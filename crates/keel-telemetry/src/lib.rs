@@ -82,7 +82,8 @@ impl Drop for TelemetryGuard {
 }
 
 /// Installs the global subscriber: an `EnvFilter` from `config.log_filter`, log lines as text or
-/// JSON on stdout, and an OpenTelemetry layer; and sets the W3C TraceContext propagator.
+/// JSON on stdout (text in colour only when stdout is a terminal), and an OpenTelemetry layer;
+/// and sets the W3C TraceContext propagator.
 ///
 /// The OpenTelemetry layer is always there, so spans carry real trace ids and context propagates
 /// even when nothing is exported. When `config.otlp_endpoint` is set, spans are also exported in
@@ -99,8 +100,13 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     let provider = tracer_provider(config)?;
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(TRACER_NAME));
     let fmt = match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(colour_stdout())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_ansi(false)
+            .boxed(),
     };
     tracing_subscriber::registry()
         .with(filter)
@@ -110,6 +116,13 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
         .map_err(TelemetryError::AlreadyInitialized)?;
     install_propagator();
     Ok(TelemetryGuard { provider })
+}
+
+/// Colours only for a person at a terminal: a file, a pipe or a log collector gets plain text,
+/// and `NO_COLOR` (<https://no-color.org>) turns them off everywhere.
+fn colour_stdout() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// An OpenTelemetry layer backed by an SDK tracer provider without exporter.

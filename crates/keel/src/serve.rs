@@ -1,7 +1,5 @@
 //! `keel serve`: the services a process runs, hosted by one [`keel_service::Host`].
 
-use std::sync::Arc;
-
 use anyhow::Context as _;
 use keel_auth::Role;
 use keel_registry::RegistryConfig;
@@ -22,7 +20,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "--service-keys-require-client-cert needs mutual TLS: set --tls-client-ca-file / KEEL_TLS_CLIENT_CA_FILE"
         );
     }
-    let ring = Arc::new(key_ring(&args.encryption)?);
+    let ring = keel_registry::crypto::Keys::from(key_ring(&args.encryption)?);
     let bootstrap_key = args
         .bootstrap_admin_key_file
         .as_deref()
@@ -62,24 +60,22 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // One line per service: what `--target` names, built from its settings.
     for target in args.target.services() {
         match target {
-            Target::Registry => host.add(keel_registry::Service::new(
-                ring.clone(),
-                RegistryConfig {
-                    check_timeout: args.check_timeout,
-                },
-            )),
+            Target::Registry => host.add(
+                keel_registry::Service::new(
+                    ring.clone(),
+                    RegistryConfig {
+                        check_timeout: args.check_timeout,
+                    },
+                )
+                // `keel admin rotate-key` needs every server to hold the new key.
+                .watch_keys_file(args.encryption.encryption_keys_file.clone()),
+            ),
             Target::All => unreachable!("`all` expands to the services"),
         }
         .await?;
     }
 
-    tracing::info!(
-        services = ?host.services(),
-        grpc = %args.listen.grpc,
-        tls = args.listen.tls_cert_file.is_some(),
-        http = %args.listen.http,
-        "keel serving"
-    );
+    // `Server::serve` logs "serving" with the bound addresses once the listeners are up.
     host.serve(keel_server::shutdown_signal())
         .await
         .context("server failed")?;

@@ -19,6 +19,7 @@ const PACKAGES: &[&str] = &[
     "redis-server",
     "libclang-dev", // bindgen, for pg_query
     "pkg-config",
+    "prometheus", // promtool, which checks what /metrics serves
 ];
 
 /// Where Debian puts each PostgreSQL major's server binaries.
@@ -28,7 +29,7 @@ pub(crate) fn run() -> Result<()> {
     if !cmd::on_path("dpkg-query") {
         eprintln!(
             "setup: warning: not a Debian-like system (no dpkg-query); install yourself: PostgreSQL with \
-             pg_stat_statements and hypopg, nats-server, redis-server, libclang and pkg-config"
+             pg_stat_statements and hypopg, nats-server, redis-server, libclang, pkg-config and promtool"
         );
         return Ok(());
     }

@@ -1,0 +1,436 @@
+//! What an operator sees of a running `keel serve`: the key ring reloaded from its file during a
+//! rotation, `/metrics` that promtool accepts, and plain, quiet logs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+const K1: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const K2: &str = "k2:HwAeAR0CHAMbBBoFGQYYBxcIFgkVChQLEwwSDREOEA8=";
+/// A well-formed admin key, registered at start from a file.
+const ADMIN_KEY: &str = "keel_operatoroperatoroperatoroperator00000000";
+
+/// A `keel serve` child process, killed on drop, with its settings and log files.
+struct Keel {
+    server: Child,
+    env: Vec<(&'static str, String)>,
+    http: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Keel {
+    /// Starts `keel serve` on `database_url` with the ring in `dir/keys`, plus `extra` settings,
+    /// and waits until it is ready.
+    async fn start(
+        database_url: &str,
+        nats_url: &str,
+        extra: &[(&'static str, &str)],
+        dir: tempfile::TempDir,
+    ) -> Keel {
+        let admin_file = dir.path().join("admin-key");
+        std::fs::write(&admin_file, ADMIN_KEY).expect("write admin key");
+        let keys_file = dir.path().join("keys");
+        if !keys_file.exists() {
+            std::fs::write(&keys_file, format!("{K1}\n")).expect("write keys");
+        }
+        let (grpc, http) = (free_port(), free_port());
+        let mut env = vec![
+            ("KEEL_DATABASE_URL", database_url.to_owned()),
+            ("KEEL_NATS_URL", nats_url.to_owned()),
+            ("KEEL_ENCRYPTION_KEYS_FILE", keys_file.display().to_string()),
+            ("KEEL_GRPC_LISTEN", format!("127.0.0.1:{grpc}")),
+            ("KEEL_HTTP_LISTEN", format!("127.0.0.1:{http}")),
+            ("KEEL_ENDPOINT", format!("http://127.0.0.1:{grpc}")),
+            (
+                "KEEL_BOOTSTRAP_ADMIN_KEY_FILE",
+                admin_file.display().to_string(),
+            ),
+            ("KEEL_BOOTSTRAP_TENANT", "acme".to_owned()),
+            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
+            ("KEEL_METRICS_ANONYMOUS", "true".to_owned()),
+            ("KEEL_SHUTDOWN_GRACE", "1s".to_owned()),
+        ];
+        for (name, value) in extra {
+            env.retain(|(k, _)| k != name);
+            env.push((name, (*value).to_owned()));
+        }
+        let server = Command::new(KEEL)
+            .arg("serve")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env_remove("KEEL_ENCRYPTION_KEYS")
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::null())
+            // Files, not a terminal: what a container runtime or systemd hands the server.
+            .stdout(std::fs::File::create(dir.path().join("serve.log")).expect("log"))
+            .stderr(std::fs::File::create(dir.path().join("serve.err")).expect("log"))
+            .spawn()
+            .expect("spawn keel serve");
+        let keel = Keel {
+            server,
+            env,
+            http,
+            dir,
+        };
+        keel.wait_ready().await;
+        keel
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http_get(self.http, "/readyz")
+                .await
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keel serve not ready; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name));
+        format!(
+            "{}{}",
+            read("serve.log").unwrap_or_default(),
+            read("serve.err").unwrap_or_default()
+        )
+    }
+
+    fn keys_file(&self) -> PathBuf {
+        self.dir.path().join("keys")
+    }
+
+    /// Runs the CLI with the server's settings and the admin key.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(KEEL)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("KEEL_API_KEY", ADMIN_KEY)
+            .env_remove("KEEL_ENCRYPTION_KEYS")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run keel")
+    }
+
+    /// Stops the server as Kubernetes does (SIGTERM) and waits for it to exit.
+    fn stop(mut self) -> String {
+        let pid = self.server.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.server.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.log()
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: keel\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_key_in_the_ring_file_reaches_a_running_server() {
+    let env = keel_testkit::TestEnv::new();
+    let db = env.database().await.expect("database");
+    let nats = env.nats_url().await.expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keel = Keel::start(&db.url, &nats, &[], dir).await;
+
+    let added = keel.cli(&[
+        "instance",
+        "add",
+        "orders-db",
+        "--engine",
+        "postgres",
+        "--url",
+        &db.url.replacen("postgres@", "postgres:pw-x7@", 1),
+    ]);
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    let check = || keel.cli(&["instance", "check", "orders-db", "-o", "json"]);
+    let before = check();
+    assert!(
+        before.status.code() != Some(3) && !text(&before.stderr).contains("internal"),
+        "check before the rotation: {}",
+        text(&before.stderr)
+    );
+
+    // `keel admin rotate-key` with a ring whose new primary this server does not hold yet.
+    let rotated_ring = keel.dir.path().join("rotated-keys");
+    std::fs::write(&rotated_ring, format!("{K2}\n{K1}\n")).expect("write");
+    let rotation = keel.cli(&[
+        "admin",
+        "rotate-key",
+        "--encryption-keys-file",
+        rotated_ring.to_str().expect("utf-8 path"),
+    ]);
+    assert!(rotation.status.success(), "{}", text(&rotation.stderr));
+    assert!(text(&rotation.stdout).contains("1 credentials re-encrypted"));
+
+    // The server says which key it lacks and what to do, as FAILED_PRECONDITION (exit code 3).
+    let refused = check();
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("add key k2 to KEEL_ENCRYPTION_KEYS_FILE on every server")
+            && stderr.contains("FailedPrecondition"),
+        "{stderr}"
+    );
+
+    // A file that does not parse changes nothing; the good one is picked up without a restart.
+    std::fs::write(keel.keys_file(), "k2:not-base64\n").expect("write");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(check().status.code(), Some(3));
+    std::fs::write(keel.keys_file(), format!("{K2}\n{K1}\n")).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let after = check();
+        if after.status.code() != Some(3) || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        text(&before.stdout).contains("\"reachable\":true"),
+        text(&after.stdout).contains("\"reachable\":true"),
+        "check after the reload differs from before: {} {}",
+        text(&after.stdout),
+        text(&after.stderr)
+    );
+    assert!(
+        after.status.code() != Some(3),
+        "still refused after the reload: {}",
+        text(&after.stderr)
+    );
+
+    let log = keel.stop();
+    assert!(log.contains("encryption key ring reloaded"), "{log}");
+    assert!(
+        log.contains("cannot reload the encryption key ring; still using the previous one"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("HwAeAR0C") && !log.contains("AAECAwQF"),
+        "key material in the log"
+    );
+}
+
+/// Where promtool is, or a failure that says how to install it.
+fn promtool() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("promtool"))
+            .find(|path| path.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "promtool is not installed: run `cargo xtask setup` (or apt-get install prometheus), \
+             which CI does"
+        )
+    })
+}
+
+/// Runs `promtool check metrics` on `exposition`; fails the test on any problem it reports.
+#[track_caller]
+fn promtool_accepts(promtool: &Path, exposition: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feed promtool");
+    let output = child.wait_with_output().expect("promtool");
+    assert!(
+        output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
+        "promtool check metrics: {}{}\nin:\n{exposition}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// `/metrics` as `curl` gets it (no Accept header asking for OpenMetrics).
+async fn scrape(keel: &Keel) -> String {
+    let response = http_get(keel.http, "/metrics").await.expect("scrape");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_from_the_start_and_after_calls() {
+    let promtool = promtool();
+    let env = keel_testkit::TestEnv::new();
+    let db = env.database().await.expect("database");
+    let nats = env.nats_url().await.expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One request per second, so that a few calls also fill keel_limit_exceeded_total.
+    let limits = [("KEEL_LIMIT_RATE", "1"), ("KEEL_LIMIT_BURST", "1")];
+    let keel = Keel::start(&db.url, &nats, &limits, dir).await;
+
+    let fresh = scrape(&keel).await;
+    for family in [
+        "# TYPE keel_build_info gauge",
+        "# TYPE process_cpu_seconds_total counter",
+        "# TYPE process_resident_memory_bytes gauge",
+        "# TYPE process_open_fds gauge",
+        "# TYPE process_max_fds gauge",
+        "# TYPE process_start_time_seconds gauge",
+    ] {
+        assert!(fresh.contains(family), "missing {family:?} in\n{fresh}");
+    }
+    assert!(
+        fresh.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{fresh}"
+    );
+    promtool_accepts(&promtool, &fresh);
+
+    // Calls until one is over the limit: the gRPC and limit families then have samples too.
+    let mut limited = false;
+    for _ in 0..10 {
+        let output = keel.cli(&["instance", "ls"]);
+        if text(&output.stderr).contains("ResourceExhausted") {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "no call was refused at 1 request per second");
+    let after = scrape(&keel).await;
+    for family in [
+        "# TYPE grpc_server_handled_total counter",
+        "# TYPE grpc_server_handling_seconds histogram",
+        "# TYPE keel_limit_exceeded_total counter",
+    ] {
+        assert!(after.contains(family), "missing {family:?} in\n{after}");
+    }
+    promtool_accepts(&promtool, &after);
+}
+
+/// The lines that announce serving, with the bound addresses as fields.
+fn serving_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|line| line.contains("serving grpc_addr="))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_logs_plain_text_without_notices_once_listening() {
+    let env = keel_testkit::TestEnv::new();
+    let db = env.database().await.expect("database");
+    let nats = env.nats_url().await.expect("nats");
+    // The second start finds every schema and table in place: the case that used to log
+    // "already exists, skipping" for each of them.
+    for start in ["first", "second"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keel = Keel::start(&db.url, &nats, &[], dir).await;
+        let grpc = keel.env[3].1.clone();
+        let http = keel.env[4].1.clone();
+        let log = keel.stop();
+        assert!(
+            !log.contains('\u{1b}'),
+            "{start} start: ANSI escapes in\n{log}"
+        );
+        assert!(
+            !log.contains("already exists"),
+            "{start} start: notices in\n{log}"
+        );
+        // Once, from the server after binding: with the real addresses.
+        let serving = serving_lines(&log);
+        assert_eq!(serving.len(), 1, "{start} start:\n{log}");
+        assert!(
+            serving[0].contains(&format!("grpc_addr={grpc}"))
+                && serving[0].contains(&format!("http_addr={http}")),
+            "{start} start: {}",
+            serving[0]
+        );
+        assert!(
+            !log.contains("keel serving"),
+            "{start} start: early log in\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_state_store_database_is_named_once_with_the_fix() {
+    let env = keel_testkit::TestEnv::new();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let db = runtime.block_on(env.database()).expect("database");
+    // The same server, a database nobody created.
+    let (server, _) = db.url.rsplit_once('/').expect("database in url");
+    let missing = format!("{server}/keel_not_created_here");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, K1).expect("write keys");
+    let output = Command::new(KEEL)
+        .arg("serve")
+        .env("KEEL_DATABASE_URL", &missing)
+        .env("KEEL_ENCRYPTION_KEYS_FILE", &keys)
+        .env("KEEL_ALLOW_PLAINTEXT", "true")
+        .env("KEEL_GRPC_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("KEEL_HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env_remove("KEEL_ENCRYPTION_KEYS")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run keel serve");
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches("does not exist").count(),
+        1,
+        "said more than once: {stderr}"
+    );
+    assert!(
+        stderr.contains("database \"keel_not_created_here\" does not exist")
+            && stderr.contains("createdb -h ")
+            && stderr.trim_end().ends_with(" keel_not_created_here"),
+        "{stderr}"
+    );
+}
