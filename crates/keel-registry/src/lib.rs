@@ -2,7 +2,7 @@
 //!
 //! One row per instance in the `registry` schema; connection URLs encrypted with
 //! AES-256-GCM (see [`crypto`]) and shown masked; every change written together with
-//! its `keel.registry.instance.*` event through the transactional outbox.
+//! its `<root>.registry.<tenant>.instance.*` event through the transactional outbox.
 
 mod connection;
 mod convert;
@@ -52,7 +52,8 @@ pub fn outbox() -> Outbox {
 impl Registry {
     /// The service over `pool`, encrypting with `keys`.
     pub fn new(pool: PgPool, keys: Arc<KeyRing>, config: RegistryConfig) -> Self {
-        Self::from_store(InstanceStore::new(pool, keys, outbox()), config)
+        let store = InstanceStore::new(pool, keys, outbox(), config.subjects.clone());
+        Self::from_store(store, config)
     }
 }
 
@@ -74,7 +75,9 @@ pub async fn rotate_keys(
     batch: i64,
     mut progress: impl FnMut(RotationBatch),
 ) -> Result<u64, RegistryError> {
-    let store = InstanceStore::new(pool, keys, outbox());
+    // Re-encryption changes no instance as callers see it, so it publishes no events and
+    // needs no subject root.
+    let store = InstanceStore::new(pool, keys, outbox(), keel_bus::SubjectRoot::default());
     let mut total = 0;
     loop {
         let step = store.rotate_batch(batch).await?;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use keel_bus::Outbox;
+use keel_bus::{BusError, Outbox, SubjectRoot};
 use keel_proto::v1::{Engine, Instance, MonitoringEndpoint};
 use secrecy::SecretString;
 use sqlx::types::Json;
@@ -67,6 +67,8 @@ pub(crate) struct InstanceStore {
     pool: PgPool,
     keys: Arc<KeyRing>,
     outbox: Outbox,
+    /// Root of the subjects this store's events are published on.
+    subjects: SubjectRoot,
 }
 
 /// Associated data that binds a ciphertext to its row.
@@ -75,8 +77,18 @@ fn aad(tenant: &str, id: Uuid) -> Vec<u8> {
 }
 
 impl InstanceStore {
-    pub(crate) fn new(pool: PgPool, keys: Arc<KeyRing>, outbox: Outbox) -> Self {
-        Self { pool, keys, outbox }
+    pub(crate) fn new(
+        pool: PgPool,
+        keys: Arc<KeyRing>,
+        outbox: Outbox,
+        subjects: SubjectRoot,
+    ) -> Self {
+        Self {
+            pool,
+            keys,
+            outbox,
+            subjects,
+        }
     }
 
     pub(crate) async fn create(
@@ -112,7 +124,7 @@ impl InstanceStore {
         .map_err(|e| name_taken(e, &new.name))?;
         let instance = Instance::from(&row);
         self.outbox
-            .enqueue(&mut tx, &events::created(&instance))
+            .enqueue(&mut tx, &event(events::created(&self.subjects, &instance))?)
             .await?;
         tx.commit().await?;
         Ok(instance)
@@ -236,7 +248,10 @@ impl InstanceStore {
         };
         let instance = Instance::from(&row);
         self.outbox
-            .enqueue(&mut tx, &events::updated(&instance, changed_fields))
+            .enqueue(
+                &mut tx,
+                &event(events::updated(&self.subjects, &instance, changed_fields))?,
+            )
             .await?;
         tx.commit().await?;
         Ok(instance)
@@ -265,7 +280,10 @@ impl InstanceStore {
                 .await);
         };
         self.outbox
-            .enqueue(&mut tx, &events::deleted(&Instance::from(&row)))
+            .enqueue(
+                &mut tx,
+                &event(events::deleted(&self.subjects, &Instance::from(&row)))?,
+            )
             .await?;
         tx.commit().await?;
         Ok(())
@@ -401,6 +419,14 @@ struct InstanceWithSecret {
     key_id: String,
     #[sqlx(flatten)]
     row: InstanceRow,
+}
+
+/// A tenant accepted by keel-auth is always a valid subject token: a failure here is a bug, and
+/// the change is rolled back with its transaction rather than committed without its event.
+fn event(
+    message: Result<keel_bus::OutboxMessage, keel_bus::SubjectError>,
+) -> Result<keel_bus::OutboxMessage, RegistryError> {
+    message.map_err(|e| RegistryError::Bus(BusError::from(e)))
 }
 
 fn name_taken(err: sqlx::Error, name: &str) -> RegistryError {

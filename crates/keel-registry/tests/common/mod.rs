@@ -100,11 +100,23 @@ impl TestApp {
     /// A registry whose outbox nobody publishes: the state after a relay died between
     /// a commit and its publish.
     pub async fn start_without_relay() -> TestApp {
-        let ring = key_ring(K1);
         let env = keel_testkit::TestEnv::new();
+        let nats_url = env.nats_url().await.expect("nats");
+        Self::start_on(env, NatsConfig::from_url(nats_url)).await
+    }
+
+    /// A registry (with its relay) on `nats`: another server, user, stream or subject root.
+    pub async fn start_with_nats(nats: NatsConfig) -> TestApp {
+        let app = Self::start_on(keel_testkit::TestEnv::new(), nats).await;
+        app.spawn_relay();
+        app
+    }
+
+    async fn start_on(env: keel_testkit::TestEnv, nats: NatsConfig) -> TestApp {
+        let ring = key_ring(K1);
         let db = env.database().await.expect("test database");
         let pool = db.pool().await.expect("pool");
-        let nats_url = env.nats_url().await.expect("nats");
+        let nats_url = nats.url.clone();
         keel_auth::KeyStore::migrate(&pool)
             .await
             .expect("auth schema");
@@ -112,12 +124,9 @@ impl TestApp {
             .await
             .expect("registry schema");
         let keys = KeyStore::new(pool.clone(), Duration::ZERO);
-        let bus = Bus::connect(
-            &NatsConfig::from_url(nats_url.clone()),
-            &StreamSettings::default(),
-        )
-        .await
-        .expect("bus");
+        let bus = Bus::connect(&nats, &StreamSettings::default())
+            .await
+            .expect("bus");
 
         let stop = CancellationToken::new();
 
@@ -139,6 +148,7 @@ impl TestApp {
             ring,
             RegistryConfig {
                 check_timeout: Duration::from_secs(3),
+                subjects: bus.subjects().clone(),
             },
         );
         let routes = tonic::service::Routes::new(keel_registry::grpc_service(
@@ -229,12 +239,19 @@ impl TestApp {
 
     /// Reads every registry event in the stream, waiting until `expected` arrived (or 10 s).
     pub async fn events(&self, expected: usize) -> Vec<async_nats::jetstream::Message> {
-        let client = async_nats::connect(&self.nats_url).await.expect("nats");
+        let client = keel_bus::with_url_auth(async_nats::ConnectOptions::new(), &self.nats_url)
+            .connect(&self.nats_url)
+            .await
+            .expect("nats");
         let js = async_nats::jetstream::new(client);
-        let stream = js.get_stream(keel_bus::STREAM).await.expect("stream");
+        let stream = js.get_stream(self.bus.stream_name()).await.expect("stream");
+        let registry = keel_bus::Filter {
+            service: Some("registry"),
+            ..Default::default()
+        };
         let consumer = stream
             .create_consumer(pull::Config {
-                filter_subject: "keel.registry.>".into(),
+                filter_subject: self.bus.subjects().filter(&registry).expect("filter"),
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::None,
                 ..Default::default()
