@@ -105,6 +105,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ring,
         RegistryConfig {
             check_timeout: args.check_timeout,
+            subjects: bus.subjects().clone(),
         },
     );
     // One limits layer for the process: a key's budget covers all the services it calls.
