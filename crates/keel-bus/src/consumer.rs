@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::{BusError, MSG_ID_HEADER, Outbox, STREAM};
+use crate::{Bus, BusError, MSG_ID_HEADER, Outbox};
 
 /// An event as delivered to a handler.
 #[derive(Debug, Clone)]
@@ -57,7 +57,8 @@ pub trait EventHandler: Send + Sync + 'static {
 pub struct ConsumerConfig {
     /// Durable name shared by the replicas of one service (e.g. `remediation-alerts`).
     pub durable_name: String,
-    /// Subjects to receive, e.g. `keel.collector.alert.>`. More than one needs nats-server
+    /// Subjects to receive, e.g. `keel.collector.*.alert.>` (built with
+    /// [`SubjectRoot::filter`](crate::SubjectRoot::filter)). More than one needs nats-server
     /// 2.10 or later; [`run`] fails when the server (or an existing durable consumer of the same
     /// name) filters on anything else.
     pub filter_subjects: Vec<String>,
@@ -82,20 +83,21 @@ impl ConsumerConfig {
     }
 }
 
-/// Runs a durable consumer until `shutdown` is cancelled.
+/// Runs a durable consumer on `bus`'s stream until `shutdown` is cancelled.
 ///
 /// `outbox` names the schema whose `inbox` table de-duplicates events (install it
 /// with [`Outbox::install`]).
 pub async fn run<H: EventHandler>(
-    jetstream: &jetstream::Context,
+    bus: &Bus,
     pool: &PgPool,
     outbox: &Outbox,
     config: &ConsumerConfig,
     handler: &H,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
-    let stream = jetstream
-        .get_stream(STREAM)
+    let stream = bus
+        .jetstream()
+        .get_stream(bus.stream_name())
         .await
         .map_err(|e| BusError::jetstream("get stream", e))?;
     // One subject goes in `filter_subject`: servers before 2.10 ignore `filter_subjects`

@@ -1,6 +1,9 @@
 //! Keel's event bus on NATS JetStream.
 //!
-//! - [`Bus`] connects and makes sure the `KEEL` stream (subjects `keel.>`) exists.
+//! - [`Bus`] connects and makes sure the deployment's stream (`KEEL`, subjects `keel.>`, unless
+//!   configured otherwise) exists.
+//! - [`SubjectRoot`] builds every event subject, `<root>.<service>.<tenant>.<entity>.<verb>`,
+//!   and the [`Filter`]s subscribers select them with.
 //! - [`Outbox`] writes an event in the same transaction as the change it describes;
 //!   [`Relay`] publishes outbox rows with `Nats-Msg-Id` = event id, so a row published
 //!   twice (a relay that died before marking it) is dropped by JetStream's de-duplication.
@@ -13,6 +16,7 @@
 pub mod consumer;
 mod outbox;
 mod relay;
+mod subjects;
 
 use std::time::Duration;
 
@@ -21,11 +25,8 @@ use keel_config::NatsConfig;
 
 pub use outbox::{Outbox, OutboxMessage};
 pub use relay::{Relay, RelayConfig};
+pub use subjects::{EventKind, Filter, SubjectError, SubjectRoot};
 
-/// Name of the one stream that holds every Keel event.
-pub const STREAM: &str = "KEEL";
-/// Subjects the stream captures.
-pub const SUBJECTS: &str = "keel.>";
 /// Header carrying the event id, used by JetStream to drop duplicates. The typed
 /// constant matters: a lookup by the string form does not find the standard header.
 pub const MSG_ID_HEADER: async_nats::header::HeaderName = async_nats::header::NATS_MESSAGE_ID;
@@ -36,7 +37,7 @@ pub enum BusError {
     /// Connecting to NATS failed.
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
-        /// The server URL.
+        /// The server URL, its password masked.
         url: String,
         /// What went wrong.
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -55,6 +56,21 @@ pub enum BusError {
     /// The schema name is not usable.
     #[error(transparent)]
     Store(#[from] keel_store::StoreError),
+    /// A subject token (root, tenant, …) is not usable.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// The stream exists but does not capture this deployment's subjects.
+    #[error(
+        "stream {stream} captures {subjects:?}, not {expected}: another deployment uses it; give this one its own --nats-stream and --nats-subject-root"
+    )]
+    StreamMismatch {
+        /// The stream.
+        stream: String,
+        /// What it captures.
+        subjects: Vec<String>,
+        /// What this deployment publishes on.
+        expected: String,
+    },
 }
 
 impl BusError {
@@ -69,7 +85,43 @@ impl BusError {
     }
 }
 
-/// Settings of the `KEEL` stream, used only when the stream does not exist yet.
+/// `options` with the user and password (or the token) that `url` carries, as in
+/// `nats://user:password@host:4222`: async-nats connects to a URL's host but ignores its user.
+pub fn with_url_auth(options: async_nats::ConnectOptions, url: &str) -> async_nats::ConnectOptions {
+    let Ok(parsed) = url::Url::parse(url) else {
+        // Connecting reports the unparsable URL.
+        return options;
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    match (parsed.username(), parsed.password()) {
+        ("", _) => options,
+        (user, Some(password)) => options.user_and_password(decode(user), decode(password)),
+        (token, None) => options.token(decode(token)),
+    }
+}
+
+/// `url` with its password (if any) replaced by `****`, for messages and logs: a NATS user may be
+/// given as `nats://user:password@host:4222`. Text that is not a URL is left out entirely.
+pub fn masked_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("****"));
+            } else if !parsed.username().is_empty() {
+                // A user name alone is how a token is given (`nats://TOKEN@host`).
+                let _ = parsed.set_username("****");
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(unparsable NATS URL)".to_owned(),
+    }
+}
+
+/// Settings of the deployment's stream, used only when the stream does not exist yet.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
     /// How long JetStream remembers message ids for de-duplication. A relay that
@@ -89,21 +141,26 @@ impl Default for StreamSettings {
     }
 }
 
-/// A connection to NATS with JetStream.
+/// A connection to NATS with JetStream, for one deployment's stream and subject root.
 #[derive(Debug, Clone)]
 pub struct Bus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    stream: String,
+    root: SubjectRoot,
 }
 
 impl Bus {
-    /// Connects and creates the `KEEL` stream if it does not exist.
+    /// Connects and creates the configured stream if it does not exist.
     pub async fn connect(config: &NatsConfig, settings: &StreamSettings) -> Result<Self, BusError> {
+        // Checked before connecting: a bad root must not reach a stream definition.
+        let root = SubjectRoot::new(&config.subject_root)?;
         let connect_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Connect {
-            url: config.url.clone(),
+            url: masked_url(&config.url),
             source,
         };
-        let mut options = async_nats::ConnectOptions::new().name("keel");
+        let mut options =
+            with_url_auth(async_nats::ConnectOptions::new().name("keel"), &config.url);
         if let Some(path) = &config.credentials_file {
             options = options
                 .credentials_file(path)
@@ -114,33 +171,60 @@ impl Bus {
             .connect(&config.url)
             .await
             .map_err(|e| connect_error(Box::new(e)))?;
-        let bus = Self::from_client(client);
+        let bus = Self::from_client(client, &config.stream, root);
         bus.ensure_stream(settings).await?;
         Ok(bus)
     }
 
-    /// Wraps an existing client without touching the stream.
-    pub fn from_client(client: async_nats::Client) -> Self {
+    /// Wraps an existing client for `stream` and `root` without touching the stream.
+    pub fn from_client(client: async_nats::Client, stream: &str, root: SubjectRoot) -> Self {
         let jetstream = jetstream::new(client.clone());
-        Self { client, jetstream }
+        Self {
+            client,
+            jetstream,
+            stream: stream.to_owned(),
+            root,
+        }
     }
 
-    /// Creates the `KEEL` stream if it does not exist; an existing one is left as it is.
+    /// Creates the stream if it does not exist; an existing one is left as it is, but refused
+    /// when it does not capture `<root>.>` (events published there would be lost).
     pub async fn ensure_stream(
         &self,
         settings: &StreamSettings,
     ) -> Result<jetstream::stream::Stream, BusError> {
-        self.jetstream
+        let expected = self.root.all();
+        let stream = self
+            .jetstream
             .get_or_create_stream(jetstream::stream::Config {
-                name: STREAM.to_owned(),
-                subjects: vec![SUBJECTS.to_owned()],
+                name: self.stream.clone(),
+                subjects: vec![expected.clone()],
                 duplicate_window: settings.duplicate_window,
                 max_age: settings.max_age,
                 storage: jetstream::stream::StorageType::File,
                 ..Default::default()
             })
             .await
-            .map_err(|e| BusError::jetstream("create stream", e))
+            .map_err(|e| BusError::jetstream("create stream", e))?;
+        let subjects = stream.cached_info().config.subjects.clone();
+        if !subjects.contains(&expected) {
+            return Err(BusError::StreamMismatch {
+                stream: self.stream.clone(),
+                subjects,
+                expected,
+            });
+        }
+        Ok(stream)
+    }
+
+    /// Name of this deployment's stream.
+    pub fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    /// This deployment's subject root, which builds its subjects and filters.
+    pub fn subjects(&self) -> &SubjectRoot {
+        &self.root
     }
 
     /// The plain NATS client.
@@ -156,5 +240,17 @@ impl Bus {
     /// Whether the connection to NATS is up, for readiness checks.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_in_messages_carry_no_password_or_token() {
+        let check = |url: &str, expected: &str| assert_eq!(super::masked_url(url), expected);
+        check("nats://127.0.0.1:4222", "nats://127.0.0.1:4222");
+        check("nats://acme:s3cret@nats:4222", "nats://acme:****@nats:4222");
+        check("tls://t0ken@nats:4222", "tls://****@nats:4222");
+        check("s3cret nonsense", "(unparsable NATS URL)");
     }
 }

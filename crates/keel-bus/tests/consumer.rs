@@ -120,9 +120,9 @@ fn config(durable_name: &str, filter: &str) -> ConsumerConfig {
 fn spawn_consumer(t: &TestBus, config: ConsumerConfig, handler: Arc<Recorder>) -> CancelOnDrop {
     let token = CancellationToken::new();
     let shutdown = token.clone();
-    let (jetstream, pool, outbox) = (t.bus.jetstream().clone(), t.pool.clone(), t.outbox.clone());
+    let (bus, pool, outbox) = (t.bus.clone(), t.pool.clone(), t.outbox.clone());
     tokio::spawn(async move {
-        keel_bus::consumer::run(&jetstream, &pool, &outbox, &config, &*handler, shutdown)
+        keel_bus::consumer::run(&bus, &pool, &outbox, &config, &*handler, shutdown)
             .await
             .expect("consumer runs");
     });
@@ -135,7 +135,7 @@ async fn settled(t: &TestBus, durable_name: &str, count: u64) -> consumer::Info 
     let stream = t
         .bus
         .jetstream()
-        .get_stream(keel_bus::STREAM)
+        .get_stream(t.bus.stream_name())
         .await
         .expect("stream");
     eventually("the consumer to settle every delivery", async || {
@@ -342,7 +342,7 @@ async fn run_refuses_a_durable_consumer_with_other_filters() {
     let t = start(StreamSettings::default()).await;
     t.bus
         .jetstream()
-        .get_stream(keel_bus::STREAM)
+        .get_stream(t.bus.stream_name())
         .await
         .expect("stream")
         .create_consumer(consumer::pull::Config {
@@ -356,7 +356,7 @@ async fn run_refuses_a_durable_consumer_with_other_filters() {
     let outcome = tokio::time::timeout(
         DEADLINE,
         keel_bus::consumer::run(
-            t.bus.jetstream(),
+            &t.bus,
             &t.pool,
             &t.outbox,
             &config("alerts", "keel.test.alert.>"),

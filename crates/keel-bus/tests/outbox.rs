@@ -111,7 +111,7 @@ async fn rows_committed_while_no_relay_runs_are_published_once_when_one_starts()
     let subscriber = t
         .bus
         .jetstream()
-        .get_stream(keel_bus::STREAM)
+        .get_stream(t.bus.stream_name())
         .await
         .expect("stream")
         .create_consumer(async_nats::jetstream::consumer::pull::Config {

@@ -116,15 +116,46 @@ pub struct NatsConfig {
         env = "KEEL_NATS_CREDENTIALS_FILE"
     )]
     pub credentials_file: Option<PathBuf>,
+    /// JetStream stream holding this deployment's events. Deployments sharing a NATS server need
+    /// one each, with a --nats-subject-root of their own.
+    #[arg(
+        id = "nats_stream",
+        long = "nats-stream",
+        env = "KEEL_NATS_STREAM",
+        default_value = DEFAULT_STREAM
+    )]
+    pub stream: String,
+    /// First token of this deployment's event subjects (`<root>.<service>.<tenant>.<entity>.<verb>`).
+    #[arg(
+        id = "nats_subject_root",
+        long = "nats-subject-root",
+        env = "KEEL_NATS_SUBJECT_ROOT",
+        default_value = DEFAULT_SUBJECT_ROOT
+    )]
+    pub subject_root: String,
 }
 
+/// Stream of a deployment that does not name one.
+pub const DEFAULT_STREAM: &str = "KEEL";
+/// Subject root of a deployment that does not name one.
+pub const DEFAULT_SUBJECT_ROOT: &str = "keel";
+
 impl NatsConfig {
-    /// A configuration for `url` without credentials.
+    /// A configuration for `url` without credentials, on the default stream and subject root.
     pub fn from_url(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             credentials_file: None,
+            stream: DEFAULT_STREAM.to_owned(),
+            subject_root: DEFAULT_SUBJECT_ROOT.to_owned(),
         }
+    }
+
+    /// The same server, with this deployment's own stream and subject root.
+    pub fn with_namespace(mut self, stream: &str, subject_root: &str) -> Self {
+        stream.clone_into(&mut self.stream);
+        subject_root.clone_into(&mut self.subject_root);
+        self
     }
 
     /// Checks that the URL parses as a NATS URL.
@@ -139,7 +170,33 @@ impl NatsConfig {
                 reason: format!("scheme {:?} is not supported; use nats://", parsed.scheme()),
             });
         }
+        nats_name("--nats-stream / KEEL_NATS_STREAM", &self.stream)?;
+        nats_name(
+            "--nats-subject-root / KEEL_NATS_SUBJECT_ROOT",
+            &self.subject_root,
+        )?;
         Ok(())
+    }
+}
+
+/// Checks a stream name or subject token: no `.`, wildcard, space or `$`, so it is one subject
+/// token and a valid stream name on every NATS version.
+fn nats_name(setting: &'static str, value: &str) -> Result<(), ConfigError> {
+    let bytes = value.as_bytes();
+    let valid = (1..=64).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            setting,
+            reason: format!(
+                "{value:?} is not usable: use 1 to 64 letters, digits, '-' or '_', starting with a letter or digit"
+            ),
+        })
     }
 }
 
@@ -601,6 +658,46 @@ mod tests {
         );
         assert!(
             NatsConfig::from_url("http://127.0.0.1:4222")
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn nats_stream_and_subject_root_are_single_safe_tokens() {
+        let nats = || NatsConfig::from_url("nats://127.0.0.1:4222");
+        assert!(
+            nats()
+                .with_namespace("KEEL_STAGING", "keel-staging")
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            "",
+            "keel.prod",
+            "keel.*",
+            ">",
+            "a b",
+            "$JS",
+            "_INBOX",
+            "-x",
+            "é",
+        ] {
+            let err = nats().with_namespace(bad, "keel").validate().unwrap_err();
+            assert!(
+                err.to_string().starts_with("--nats-stream"),
+                "{bad:?}: {err}"
+            );
+            let err = nats().with_namespace("KEEL", bad).validate().unwrap_err();
+            assert!(
+                err.to_string().starts_with("--nats-subject-root")
+                    && err.to_string().contains("letters, digits"),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(
+            nats()
+                .with_namespace(&"K".repeat(65), "keel")
                 .validate()
                 .is_err()
         );

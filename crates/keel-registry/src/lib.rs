@@ -2,7 +2,7 @@
 //!
 //! One row per instance in the `registry` schema; connection URLs encrypted with
 //! AES-256-GCM (see [`crypto`]) and shown masked; every change written together with
-//! its `keel.registry.instance.*` event through the transactional outbox.
+//! its `<root>.registry.<tenant>.instance.*` event through the transactional outbox.
 
 mod connection;
 mod convert;
@@ -52,7 +52,8 @@ impl Registry {
     /// The service over `pool`, encrypting with `keys`: a [`crypto::KeyRing`] (`Arc` or not),
     /// or a [`Keys`] handle that [`Keys::watch_file`] keeps current.
     pub fn new(pool: PgPool, keys: impl Into<Keys>, config: RegistryConfig) -> Self {
-        Self::from_store(InstanceStore::new(pool, keys.into(), outbox()), config)
+        let store = InstanceStore::new(pool, keys.into(), outbox(), config.subjects.clone());
+        Self::from_store(store, config)
     }
 }
 
@@ -101,7 +102,12 @@ impl keel_service::Service for Service {
                 keys.watch_file(path, stop.cancelled_owned())
             });
         }
-        let registry = Registry::new(mount.pool().clone(), self.keys, self.config);
+        // Events go under this deployment's subject root, whatever the caller configured.
+        let config = RegistryConfig {
+            subjects: mount.bus().subjects().clone(),
+            ..self.config
+        };
+        let registry = Registry::new(mount.pool().clone(), self.keys, config);
         mount.grpc(RegistryServiceServer::new(registry));
         Ok(())
     }
@@ -115,7 +121,14 @@ pub async fn rotate_keys(
     batch: i64,
     mut progress: impl FnMut(RotationBatch),
 ) -> Result<u64, RegistryError> {
-    let store = InstanceStore::new(pool, keys.into(), outbox());
+    // Re-encryption changes no instance as callers see it, so it publishes no events and
+    // needs no subject root.
+    let store = InstanceStore::new(
+        pool,
+        keys.into(),
+        outbox(),
+        keel_bus::SubjectRoot::default(),
+    );
     let mut total = 0;
     loop {
         let step = store.rotate_batch(batch).await?;

@@ -39,12 +39,15 @@ const UPDATABLE: &[&str] = &[
 pub struct RegistryConfig {
     /// How long `CheckInstance` waits for the database to answer.
     pub check_timeout: Duration,
+    /// Root of the deployment's event subjects (`--nats-subject-root`).
+    pub subjects: keel_bus::SubjectRoot,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             check_timeout: Duration::from_secs(5),
+            subjects: keel_bus::SubjectRoot::default(),
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use keel_bus::Outbox;
+use keel_bus::{BusError, Outbox, SubjectRoot};
 use keel_proto::v1::{Engine, Instance, MonitoringEndpoint};
 use secrecy::SecretString;
 use sqlx::types::Json;
@@ -66,6 +66,8 @@ pub(crate) struct InstanceStore {
     pool: PgPool,
     keys: Keys,
     outbox: Outbox,
+    /// Root of the subjects this store's events are published on.
+    subjects: SubjectRoot,
 }
 
 /// Associated data that binds a ciphertext to its row.
@@ -74,8 +76,13 @@ fn aad(tenant: &str, id: Uuid) -> Vec<u8> {
 }
 
 impl InstanceStore {
-    pub(crate) fn new(pool: PgPool, keys: Keys, outbox: Outbox) -> Self {
-        Self { pool, keys, outbox }
+    pub(crate) fn new(pool: PgPool, keys: Keys, outbox: Outbox, subjects: SubjectRoot) -> Self {
+        Self {
+            pool,
+            keys,
+            outbox,
+            subjects,
+        }
     }
 
     pub(crate) async fn create(
@@ -111,7 +118,7 @@ impl InstanceStore {
         .map_err(|e| name_taken(e, &new.name))?;
         let instance = Instance::from(&row);
         self.outbox
-            .enqueue(&mut tx, &events::created(&instance))
+            .enqueue(&mut tx, &event(events::created(&self.subjects, &instance))?)
             .await?;
         tx.commit().await?;
         Ok(instance)
@@ -235,7 +242,10 @@ impl InstanceStore {
         };
         let instance = Instance::from(&row);
         self.outbox
-            .enqueue(&mut tx, &events::updated(&instance, changed_fields))
+            .enqueue(
+                &mut tx,
+                &event(events::updated(&self.subjects, &instance, changed_fields))?,
+            )
             .await?;
         tx.commit().await?;
         Ok(instance)
@@ -264,7 +274,10 @@ impl InstanceStore {
                 .await);
         };
         self.outbox
-            .enqueue(&mut tx, &events::deleted(&Instance::from(&row)))
+            .enqueue(
+                &mut tx,
+                &event(events::deleted(&self.subjects, &Instance::from(&row)))?,
+            )
             .await?;
         tx.commit().await?;
         Ok(())
@@ -403,6 +416,14 @@ struct InstanceWithSecret {
     key_id: String,
     #[sqlx(flatten)]
     row: InstanceRow,
+}
+
+/// A tenant accepted by keel-auth is always a valid subject token: a failure here is a bug, and
+/// the change is rolled back with its transaction rather than committed without its event.
+fn event(
+    message: Result<keel_bus::OutboxMessage, keel_bus::SubjectError>,
+) -> Result<keel_bus::OutboxMessage, RegistryError> {
+    message.map_err(|e| RegistryError::Bus(BusError::from(e)))
 }
 
 fn name_taken(err: sqlx::Error, name: &str) -> RegistryError {

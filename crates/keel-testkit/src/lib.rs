@@ -32,6 +32,8 @@
 //!   (`keel_test_*`). A missing `hypopg` or `pg_stat_statements` is only a warning there. The
 //!   template is created once per server; to rebuild it, run
 //!   `ALTER DATABASE keel_template IS_TEMPLATE false; DROP DATABASE keel_template`.
+//! - [`NatsServer::start`] starts a nats-server with a configuration of the test's own (accounts,
+//!   users, permissions); `KEEL_TEST_NATS_URL` does not apply to it.
 //! - `KEEL_TEST_NATS_URL`, `KEEL_TEST_REDIS_URL`: returned as is instead of starting servers.
 //!   Tests then share those servers, so there is **no isolation**: use unique stream, subject and
 //!   key names.
@@ -160,7 +162,46 @@ fn override_url(variable: &str) -> Option<String> {
     std::env::var(variable).ok().filter(|url| !url.is_empty())
 }
 
+/// A nats-server with JetStream started from a configuration file of the test's own, stopped when
+/// dropped.
+#[derive(Debug)]
+pub struct NatsServer {
+    service: Service,
+}
+
+impl NatsServer {
+    /// Starts nats-server with `config` (nats-server configuration syntax: accounts, users,
+    /// permissions, …). Listen address, port, server name and JetStream store are set by the
+    /// harness and win over the file. Readiness is checked by connecting as `user` with
+    /// `password`, who must be allowed to call `$JS.API.INFO` and receive its reply.
+    pub async fn start(config: &str, user: &str, password: &str) -> anyhow::Result<NatsServer> {
+        let service = start_nats_with(Some(config), Some((user, password))).await?;
+        Ok(NatsServer { service })
+    }
+
+    /// `nats://127.0.0.1:<port>`, no user.
+    pub fn url(&self) -> &str {
+        &self.service.url
+    }
+
+    /// The URL with `user` and `password` in it, as clients take them.
+    pub fn url_for(&self, user: &str, password: &str) -> anyhow::Result<String> {
+        let mut url = url::Url::parse(&self.service.url)?;
+        url.set_username(user)
+            .and_then(|()| url.set_password(Some(password)))
+            .map_err(|()| anyhow::anyhow!("cannot put credentials into {}", self.service.url))?;
+        Ok(url.to_string())
+    }
+}
+
 async fn start_nats() -> anyhow::Result<Service> {
+    start_nats_with(None, None).await
+}
+
+async fn start_nats_with(
+    config: Option<&str>,
+    probe_user: Option<(&str, &str)>,
+) -> anyhow::Result<Service> {
     let program = process::find_program("nats-server", "nats-server")?;
     start_with_retries(|| async {
         let dir = process::scratch_dir("nats")?;
@@ -169,7 +210,14 @@ async fn start_nats() -> anyhow::Result<Service> {
         // A unique server name lets readiness tell our server from another test's that
         // already holds the port (free_port only finds a port that was free a moment ago).
         let name = format!("keel-test-{}", uuid::Uuid::now_v7().simple());
-        let args: Vec<&OsStr> = vec![
+        let config_file = dir.join("nats.conf");
+        let mut args: Vec<&OsStr> = vec![];
+        if let Some(config) = config {
+            std::fs::write(&config_file, config)
+                .with_context(|| format!("write {}", config_file.display()))?;
+            args.extend(["-c".as_ref(), config_file.as_os_str()]);
+        }
+        args.extend::<[&OsStr; 9]>([
             "-js".as_ref(),
             "-a".as_ref(),
             "127.0.0.1".as_ref(),
@@ -179,7 +227,7 @@ async fn start_nats() -> anyhow::Result<Service> {
             name.as_ref(),
             "-sd".as_ref(),
             store.as_os_str(),
-        ];
+        ]);
         let mut process = Supervised::spawn(Spec {
             name: "nats-server",
             program: &program,
@@ -189,7 +237,7 @@ async fn start_nats() -> anyhow::Result<Service> {
             user: None,
         })?;
         let url = format!("nats://127.0.0.1:{port}");
-        wait_ready(&mut process, || jetstream_ready(&url, &name)).await?;
+        wait_ready(&mut process, || jetstream_ready(&url, &name, probe_user)).await?;
         Ok(Service {
             url,
             _process: process,
@@ -281,8 +329,12 @@ where
 ///
 /// A raw request rather than `jetstream::Context::query_account`: async-nats 0.42 cannot parse
 /// the answer of nats-server 2.9 (Debian bookworm), which lacks the `reserved_*` fields.
-async fn jetstream_ready(url: &str, name: &str) -> anyhow::Result<()> {
-    let client = async_nats::connect(url).await?;
+async fn jetstream_ready(url: &str, name: &str, user: Option<(&str, &str)>) -> anyhow::Result<()> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some((user, password)) = user {
+        options = options.user_and_password(user.to_owned(), password.to_owned());
+    }
+    let client = options.connect(url).await?;
     let answering = client.server_info().server_name;
     anyhow::ensure!(
         answering == name,

@@ -256,15 +256,31 @@ pub(crate) enum InstanceCommand {
 pub(crate) enum EventsCommand {
     /// Print Keel's events as they happen.
     Tail {
-        /// Subject filter, e.g. `keel.registry.>`.
-        #[arg(default_value = "keel.>")]
-        subject: String,
+        /// Subject filter, e.g. `keel.registry.>` or `keel.*.acme.>` [default: every event of
+        /// this deployment, `<subject root>.>`].
+        subject: Option<String>,
+        /// Only this tenant's events: the filter `<root>.*.<tenant>.>` (with --service,
+        /// `<root>.<service>.<tenant>.>`).
+        #[arg(long, conflicts_with = "subject")]
+        tenant: Option<String>,
+        /// Only this service's events, e.g. `registry`.
+        #[arg(long, conflicts_with = "subject")]
+        service: Option<String>,
         /// Start from the oldest stored event instead of new ones.
         #[arg(long)]
         from_start: bool,
         /// Stop after this many events.
         #[arg(long)]
         count: Option<usize>,
+        /// Name of the tail's ephemeral consumer [default: chosen by the server]. NATS
+        /// permissions that confine a user to one tenant name it (see
+        /// deploy/nats/tenant-permissions.conf); one tail per name at a time.
+        #[arg(long)]
+        consumer_name: Option<String>,
+        /// Prefix of the subjects replies come back on. A confined NATS user may subscribe only
+        /// to its own, e.g. `_INBOX_acme`.
+        #[arg(long, default_value = "_INBOX")]
+        inbox_prefix: String,
         #[command(flatten)]
         nats: NatsConfig,
         /// Output format.

@@ -65,6 +65,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     ring.clone(),
                     RegistryConfig {
                         check_timeout: args.check_timeout,
+                        ..RegistryConfig::default()
                     },
                 )
                 // `keel admin rotate-key` needs every server to hold the new key.

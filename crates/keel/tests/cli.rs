@@ -331,8 +331,8 @@ async fn the_keel_binary_serves_and_the_cli_drives_it() {
     assert_eq!(
         subjects,
         [
-            "keel.registry.instance.created",
-            "keel.registry.instance.updated"
+            "keel.registry.acme.instance.created",
+            "keel.registry.acme.instance.updated"
         ]
     );
 
@@ -520,4 +520,190 @@ async fn the_cli_speaks_mutual_tls_with_a_ca_file() {
         ],
     );
     expect_exit(&plain, 1, "is not https://");
+}
+
+const NATS_KEEL_PASSWORD: &str = "keel-cli-test-pw";
+const NATS_ACME_PASSWORD: &str = "acme-cli-test-pw";
+
+/// Runs `keel` with `env` for at most `window`, then stops it: a tail that is not told how many
+/// events to expect would wait for ever. Returns its exit status (`None` if stopped) and output.
+async fn run_for(
+    env: &[(&'static str, String)],
+    args: &[&str],
+    window: Duration,
+) -> (Option<i32>, String, String) {
+    let mut child = Command::new(KEEL)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run keel");
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline && child.try_wait().expect("wait").is_none() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let code = child.try_wait().expect("wait").and_then(|s| s.code());
+    if code.is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("output");
+    (
+        code,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `(subject, instance name)` of each JSON line `keel events tail -o json` printed.
+fn tailed(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).expect("json line");
+            let field = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+            let payload = &event["payload"]["instance"]["name"];
+            (field(&event["subject"]), field(payload))
+        })
+        .collect()
+}
+
+/// Two deployments on one NATS server: each `keel events tail` shows its own deployment's events
+/// only; and a NATS user confined to tenant acme (deploy/nats/tenant-permissions.conf) tails
+/// acme's events and is refused globex's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tail_stays_inside_its_deployment_and_its_tenant() {
+    let example = include_str!("../../../deploy/nats/tenant-permissions.conf");
+    let config = format!(
+        "NATS_KEEL_PASSWORD: \"{NATS_KEEL_PASSWORD}\"\nNATS_ACME_EVENTS_PASSWORD: \"{NATS_ACME_PASSWORD}\"\n{example}"
+    );
+    let nats = keel_testkit::NatsServer::start(&config, "keel", NATS_KEEL_PASSWORD)
+        .await
+        .expect("nats-server with users");
+    let keel_url = nats.url_for("keel", NATS_KEEL_PASSWORD).expect("url");
+    let env = keel_testkit::TestEnv::new();
+    let plaintext = ("KEEL_ALLOW_PLAINTEXT", "true".to_owned());
+    let prod = Keel::spawn(
+        &env,
+        &[plaintext.clone(), ("KEEL_NATS_URL", keel_url.clone())],
+    )
+    .await;
+    let staging = Keel::spawn(
+        &env,
+        &[
+            plaintext,
+            ("KEEL_NATS_URL", keel_url),
+            ("KEEL_NATS_STREAM", "KEEL_STAGING".to_owned()),
+            ("KEEL_NATS_SUBJECT_ROOT", "staging".to_owned()),
+        ],
+    )
+    .await;
+    prod.wait_ready(prod.http_port()).await;
+    staging.wait_ready(staging.http_port()).await;
+
+    let created = expect_exit(
+        &prod.cli(
+            None,
+            &[
+                "admin",
+                "create-key",
+                "--tenant",
+                "globex",
+                "--role",
+                "operator",
+                "--name",
+                "globex",
+                "-o",
+                "json",
+            ],
+        ),
+        0,
+        "",
+    );
+    let created: serde_json::Value = serde_json::from_str(&created).expect("json");
+    let globex = created["key"].as_str().expect("key").to_owned();
+    let add = |name: &'static str| {
+        [
+            "instance",
+            "add",
+            name,
+            "--engine",
+            "postgres",
+            "--url",
+            "postgres://app@db/shop",
+        ]
+    };
+    expect_exit(&prod.cli(Some(BOOTSTRAP_KEY), &add("prod-acme")), 0, "");
+    expect_exit(&prod.cli(Some(&globex), &add("prod-globex")), 0, "");
+    expect_exit(
+        &staging.cli(Some(BOOTSTRAP_KEY), &add("staging-acme")),
+        0,
+        "",
+    );
+
+    // Asking for one more event than the deployment has: anything beyond is a leak.
+    let tail = ["events", "tail", "--from-start", "-o", "json", "--count"];
+    let window = Duration::from_secs(4);
+    let (_, out, err) = run_for(&prod.env, &[&tail[..], &["3"]].concat(), window).await;
+    assert_eq!(
+        tailed(&out),
+        [
+            (
+                "keel.registry.acme.instance.created".into(),
+                "prod-acme".into()
+            ),
+            (
+                "keel.registry.globex.instance.created".into(),
+                "prod-globex".into()
+            ),
+        ],
+        "{err}"
+    );
+    let (_, out, err) = run_for(&staging.env, &[&tail[..], &["2"]].concat(), window).await;
+    assert_eq!(
+        tailed(&out),
+        [(
+            "staging.registry.acme.instance.created".into(),
+            "staging-acme".into()
+        )],
+        "{err}"
+    );
+
+    // The confined user, tailing the way the example configuration allows.
+    let mut acme_env = prod.env.clone();
+    acme_env.retain(|(k, _)| *k != "KEEL_NATS_URL");
+    acme_env.push((
+        "KEEL_NATS_URL",
+        nats.url_for("acme-events", NATS_ACME_PASSWORD)
+            .expect("url"),
+    ));
+    let confined = [
+        "--consumer-name",
+        "acme-tail",
+        "--inbox-prefix",
+        "_INBOX_acme",
+    ];
+    let args = [&tail[..], &["2", "--tenant", "acme"], &confined[..]].concat();
+    let (_, out, err) = run_for(&acme_env, &args, window).await;
+    assert_eq!(
+        tailed(&out),
+        [(
+            "keel.registry.acme.instance.created".into(),
+            "prod-acme".into()
+        )],
+        "{err}"
+    );
+    let args = [&tail[..], &["1", "--tenant", "globex"], &confined[..]].concat();
+    let (code, out, err) = run_for(&acme_env, &args, Duration::from_secs(15)).await;
+    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("Permissions Violation") && err.contains("keel.*.globex.>"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(NATS_ACME_PASSWORD),
+        "password in an error: {err}"
+    );
 }

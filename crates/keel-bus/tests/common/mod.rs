@@ -121,7 +121,7 @@ impl TestBus {
         let stream = self
             .bus
             .jetstream()
-            .get_stream(keel_bus::STREAM)
+            .get_stream(self.bus.stream_name())
             .await
             .expect("stream");
         stream.get_info().await.expect("stream info").state.messages
@@ -133,7 +133,7 @@ impl TestBus {
         let consumer = self
             .bus
             .jetstream()
-            .get_stream(keel_bus::STREAM)
+            .get_stream(self.bus.stream_name())
             .await
             .expect("stream")
             .create_consumer(pull::Config {

@@ -58,6 +58,7 @@ pub struct TestApp {
     pub pool: PgPool,
     pub database_url: String,
     pub nats_url: String,
+    pub nats: NatsConfig,
     pub keys: KeyStore,
     pub bus: Bus,
     pub grpc: SocketAddr,
@@ -87,7 +88,7 @@ impl Drop for Served {
 /// relay that polls every 200 ms unless `relay` is false.
 pub async fn serve_registry(
     database_url: &str,
-    nats_url: &str,
+    nats: &NatsConfig,
     ring: Arc<KeyRing>,
     relay: bool,
 ) -> Served {
@@ -107,17 +108,14 @@ pub async fn serve_registry(
             poll_interval: Duration::from_millis(200),
             ..RelayConfig::default()
         }),
-        ..HostConfig::new(
-            DatabaseConfig::from_url(database_url),
-            NatsConfig::from_url(nats_url),
-            listen,
-        )
+        ..HostConfig::new(DatabaseConfig::from_url(database_url), nats.clone(), listen)
     };
     let mut host = Host::connect(&config).await.expect("host");
     host.add(keel_registry::Service::new(
         ring,
         RegistryConfig {
             check_timeout: Duration::from_secs(3),
+            ..RegistryConfig::default()
         },
     ))
     .await
@@ -160,25 +158,33 @@ pub const K2: &str = "k2:HwAeAR0CHAMbBBoFGQYYBxcIFgkVChQLEwwSDREOEA8=";
 
 impl TestApp {
     pub async fn start() -> TestApp {
-        Self::start_with(true).await
+        let env = keel_testkit::TestEnv::new();
+        let nats_url = env.nats_url().await.expect("nats");
+        Self::start_on(env, NatsConfig::from_url(nats_url), true).await
     }
 
     /// A registry whose outbox nobody publishes: the state after a relay died between
     /// a commit and its publish.
     pub async fn start_without_relay() -> TestApp {
-        Self::start_with(false).await
+        let env = keel_testkit::TestEnv::new();
+        let nats_url = env.nats_url().await.expect("nats");
+        Self::start_on(env, NatsConfig::from_url(nats_url), false).await
     }
 
-    async fn start_with(relay: bool) -> TestApp {
-        let env = keel_testkit::TestEnv::new();
+    /// A registry (with its relay) on `nats`: another server, user, stream or subject root.
+    pub async fn start_with_nats(nats: NatsConfig) -> TestApp {
+        Self::start_on(keel_testkit::TestEnv::new(), nats, true).await
+    }
+
+    async fn start_on(env: keel_testkit::TestEnv, nats: NatsConfig, relay: bool) -> TestApp {
         let db = env.database().await.expect("test database");
-        let nats_url = env.nats_url().await.expect("nats");
-        let served = serve_registry(&db.url, &nats_url, key_ring(K1), relay).await;
+        let served = serve_registry(&db.url, &nats, key_ring(K1), relay).await;
         TestApp {
             env,
             pool: served.pool.clone(),
             database_url: db.url.clone(),
-            nats_url,
+            nats_url: nats.url.clone(),
+            nats,
             keys: served.keys.clone(),
             bus: served.bus.clone(),
             grpc: served.grpc,
@@ -190,7 +196,7 @@ impl TestApp {
 
     /// Another registry replica on the same state store and NATS, with its own key ring.
     pub async fn replica(&self, ring: Arc<KeyRing>) -> Served {
-        serve_registry(&self.database_url, &self.nats_url, ring, true).await
+        serve_registry(&self.database_url, &self.nats, ring, true).await
     }
 
     /// The clear key for (tenant, role), created on first use.
@@ -240,12 +246,19 @@ impl TestApp {
 
     /// Reads every registry event in the stream, waiting until `expected` arrived (or 10 s).
     pub async fn events(&self, expected: usize) -> Vec<async_nats::jetstream::Message> {
-        let client = async_nats::connect(&self.nats_url).await.expect("nats");
+        let client = keel_bus::with_url_auth(async_nats::ConnectOptions::new(), &self.nats_url)
+            .connect(&self.nats_url)
+            .await
+            .expect("nats");
         let js = async_nats::jetstream::new(client);
-        let stream = js.get_stream(keel_bus::STREAM).await.expect("stream");
+        let stream = js.get_stream(self.bus.stream_name()).await.expect("stream");
+        let registry = keel_bus::Filter {
+            service: Some("registry"),
+            ..Default::default()
+        };
         let consumer = stream
             .create_consumer(pull::Config {
-                filter_subject: "keel.registry.>".into(),
+                filter_subject: self.bus.subjects().filter(&registry).expect("filter"),
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::None,
                 ..Default::default()

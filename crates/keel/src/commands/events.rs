@@ -1,8 +1,13 @@
 //! `keel events tail`: a JetStream subscriber printing Keel's events as they happen.
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::stream::ConsumerErrorKind;
 use futures::StreamExt;
+use keel_bus::{Filter, SubjectRoot};
 use keel_proto::v1::Event;
 use prost::Message;
 
@@ -12,52 +17,107 @@ use crate::output;
 pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
     let EventsCommand::Tail {
         subject,
+        tenant,
+        service,
         from_start,
         count,
+        consumer_name,
+        inbox_prefix,
         nats,
         output,
     } = command;
     nats.validate()?;
-    let client = async_nats::connect(&nats.url)
+    let root = SubjectRoot::new(&nats.subject_root)?;
+    let subject = match subject {
+        Some(subject) => subject,
+        None => root.filter(&Filter {
+            service: service.as_deref(),
+            tenant: tenant.as_deref(),
+            ..Filter::default()
+        })?,
+    };
+    let server = keel_bus::masked_url(&nats.url);
+    // What the server refused (a permission, typically): requests it drops only time out, and
+    // the reason arrives on its own as an error event.
+    let refused = Arc::new(Mutex::new(None::<String>));
+    let mut options = keel_bus::with_url_auth(async_nats::ConnectOptions::new(), &nats.url)
+        .name("keel-events-tail")
+        .custom_inbox_prefix(inbox_prefix)
+        .event_callback({
+            let refused = refused.clone();
+            move |event| {
+                let refused = refused.clone();
+                async move {
+                    if let async_nats::Event::ServerError(error) = event {
+                        if let Ok(mut refused) = refused.lock() {
+                            *refused = Some(error.to_string());
+                        }
+                    }
+                }
+            }
+        });
+    if let Some(path) = &nats.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("cannot read NATS credentials {}", path.display()))?;
+    }
+    let client = options
+        .connect(&nats.url)
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", nats.url))?;
+        .with_context(|| format!("cannot connect to NATS at {server}"))?;
     let jetstream = async_nats::jetstream::new(client);
-    let stream = jetstream
-        .get_stream(keel_bus::STREAM)
-        .await
-        .with_context(|| {
-            format!(
-                "no {} stream on {}: has `keel serve` run against this NATS?",
-                keel_bus::STREAM,
-                nats.url
-            )
-        })?;
+    // Created on the stream by name: a confined user needs no right to read the stream's info.
     // An ephemeral consumer: nothing is left behind on the server when the tail stops.
-    let consumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: subject.clone(),
-            deliver_policy: if from_start {
-                DeliverPolicy::All
-            } else {
-                DeliverPolicy::New
+    let consumer = jetstream
+        .create_consumer_on_stream(
+            pull::Config {
+                name: consumer_name,
+                filter_subject: subject.clone(),
+                deliver_policy: if from_start {
+                    DeliverPolicy::All
+                } else {
+                    DeliverPolicy::New
+                },
+                ack_policy: AckPolicy::None,
+                inactive_threshold: std::time::Duration::from_secs(30),
+                ..Default::default()
             },
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            inactive_threshold: std::time::Duration::from_secs(30),
-            ..Default::default()
-        })
+            &nats.stream,
+        )
         .await
-        .with_context(|| format!("cannot subscribe to {subject}"))?;
+        .map_err(|error| {
+            if let ConsumerErrorKind::JetStream(js) = error.kind() {
+                if js.error_code() == ErrorCode::STREAM_NOT_FOUND {
+                    return anyhow::anyhow!(
+                        "no stream {} on {server}: has `keel serve` run against this NATS with this --nats-stream?",
+                        nats.stream
+                    );
+                }
+            }
+            let refused = refused.lock().ok().and_then(|r| r.clone());
+            let error = anyhow::Error::new(error);
+            match refused {
+                Some(reason) => error.context(format!(
+                    "NATS refused it ({reason}): check the user's permissions for this stream, filter, consumer name and inbox prefix"
+                )),
+                None => error,
+            }
+            .context(format!("cannot subscribe to {subject} on stream {}", nats.stream))
+        })?;
+    let consumer_name = consumer.cached_info().name.clone();
     let mut messages = consumer.messages().await.context("cannot pull events")?;
     if output == Output::Table {
         eprintln!("watching {subject} (Ctrl-C to stop)");
     }
     let mut seen = 0;
-    loop {
+    let outcome = loop {
         let message = tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => break Ok(()),
             next = messages.next() => match next {
-                Some(message) => message.context("receiving events failed")?,
-                None => return Ok(()),
+                Some(Ok(message)) => message,
+                Some(Err(error)) => break Err(anyhow::Error::new(error).context("receiving events failed")),
+                None => break Ok(()),
             },
         };
         let subject = message.subject.to_string();
@@ -70,7 +130,13 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
         }
         seen += 1;
         if count.is_some_and(|c| seen >= c) {
-            return Ok(());
+            break Ok(());
         }
-    }
+    };
+    // Frees the name at once for the next tail; the server drops it after 30 s anyway.
+    drop(messages);
+    let _ = jetstream
+        .delete_consumer_from_stream(&consumer_name, &nats.stream)
+        .await;
+    outcome
 }
