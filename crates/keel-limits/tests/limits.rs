@@ -52,7 +52,7 @@ impl Harness {
             .store
             .create_key(
                 NewKey {
-                    tenant: "acme".into(),
+                    scope: keel_auth::Scope::tenant("acme").expect("valid tenant"),
                     role: Role::Viewer,
                     name: name.into(),
                     expires_at: None,

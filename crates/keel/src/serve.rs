@@ -22,6 +22,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     args.nats.validate()?;
     args.listen.validate()?;
     args.limits.validate()?;
+    args.fleet_limits.validate()?;
     keel_auth::validate_tenant(&args.bootstrap_tenant)
         .context("--bootstrap-tenant / KEEL_BOOTSTRAP_TENANT")?;
     if args.service_keys_require_client_cert && args.listen.tls_client_ca_file.is_none() {
@@ -61,7 +62,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("migrating the registry schema")?;
     // Read by the AuthLayer that each service builds from `keys`.
     let keys = KeyStore::new(pool.clone(), args.auth_cache_ttl)
-        .require_client_cert_for_service_keys(args.service_keys_require_client_cert);
+        .require_client_cert_for_service_keys(args.service_keys_require_client_cert)
+        // Under mutual TLS a fleet key works only with its own client certificate.
+        .mutual_tls(args.listen.tls_client_ca_file.is_some());
     if let Some(key) = &bootstrap_key {
         keys.ensure_key(
             key,
@@ -108,7 +111,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     // One limits layer for the process: a key's budget covers all the services it calls.
-    let limits = keel_limits::LimitsLayer::new(&args.limits, server.metrics())?;
+    let limits =
+        keel_limits::LimitsLayer::with_fleet(&args.limits, &args.fleet_limits, server.metrics())?;
     let routes = Routes::new(keel_registry::grpc_service(registry, keys.clone(), &limits));
     server.register_service(REGISTRY_SERVICE);
 

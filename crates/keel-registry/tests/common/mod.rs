@@ -196,7 +196,7 @@ impl TestApp {
             .keys
             .create_key(
                 NewKey {
-                    tenant: tenant.to_owned(),
+                    scope: keel_auth::Scope::tenant(tenant).expect("valid tenant"),
                     role,
                     name: format!("{role}-key"),
                     expires_at: None,
