@@ -96,10 +96,13 @@ fn tenant_filter(scope: &Scope, requested: &str) -> Result<Option<Tenant>, Statu
     let requested = if requested.is_empty() {
         None
     } else {
-        let tenant = Tenant::new(requested).map_err(|e| {
+        let tenant = Tenant::new(requested).map_err(|_| {
             RegistryError::from(Invalid::new(
                 "tenant",
-                format!("{e}; leave it empty for every tenant you may see"),
+                format!(
+                    "{requested:?} is not a valid name: use 1 to 63 lowercase letters, digits and '-', \
+                     starting and ending with a letter or digit, or leave it empty for every tenant you may see"
+                ),
             ))
         })?;
         Some(tenant)

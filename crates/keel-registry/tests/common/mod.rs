@@ -213,6 +213,17 @@ impl TestApp {
         key
     }
 
+    /// A client with a new fleet key named `name` (role service, every tenant).
+    pub async fn fleet_client(&self, name: &str) -> Client {
+        let created = self
+            .keys
+            .create_key(NewKey::fleet(name), &keel_auth::Actor::system("test"))
+            .await
+            .expect("create fleet key");
+        self.client_with(Some(created.key.expose_secret().to_owned()), None)
+            .await
+    }
+
     pub async fn client(&self, tenant: &str, role: Role) -> Client {
         let key = self.key(tenant, role).await;
         self.client_with(Some(key), None).await
