@@ -294,7 +294,7 @@ pub(crate) fn key_ring(args: &EncryptionArgs) -> anyhow::Result<KeyRing> {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
-    use keel_auth::{AuthError, NewKey, Role};
+    use keel_auth::{AuthError, NewKey};
 
     use super::*;
     use crate::cli::{Cli, Command};
@@ -377,6 +377,101 @@ mod tests {
         })
         .await
         .expect("audit");
+    }
+
+    fn create_key(args: &[&str]) -> Result<AdminCommand, clap::Error> {
+        let mut argv = vec!["keel", "admin", "create-key", "--name", "collector"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Admin(command) => command,
+            other => panic!("not an admin command: {other:?}"),
+        })
+    }
+
+    #[test]
+    fn create_key_takes_exactly_one_of_tenant_and_fleet() {
+        let err = create_key(&["--role", "viewer"]).expect_err("no scope");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = create_key(&["--tenant", "acme", "--fleet"]).expect_err("both scopes");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let err = create_key(&["--tenant", "acme"]).expect_err("tenant key without role");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(
+            create_key(&["--fleet"]).is_ok(),
+            "a fleet key needs no role"
+        );
+
+        assert_eq!(
+            scope_and_role(None, true, None).expect("fleet"),
+            (Scope::Fleet, Role::Service)
+        );
+        assert_eq!(
+            scope_and_role(None, true, Some(Role::Service)).expect("fleet service"),
+            (Scope::Fleet, Role::Service)
+        );
+        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+            let err = scope_and_role(None, true, Some(role)).expect_err("fleet with a user role");
+            assert!(
+                format!("{err:#}").contains("fleet keys have the service role only"),
+                "{err:#}"
+            );
+        }
+        let err = scope_and_role(Some("Acme".into()), false, Some(Role::Viewer))
+            .expect_err("invalid tenant");
+        assert!(
+            err.to_string().starts_with("invalid tenant \"Acme\""),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn create_key_fleet_makes_a_service_key_listed_with_its_scope() {
+        let (store, database) = setup().await;
+        let AdminCommand::CreateKey {
+            name, expires_in, ..
+        } = create_key(&["--fleet"]).expect("parse")
+        else {
+            unreachable!("create-key parses to CreateKey");
+        };
+        run(AdminCommand::CreateKey {
+            tenant: None,
+            fleet: true,
+            role: None,
+            name,
+            expires_in,
+            database: database.clone(),
+            output: Output::Json,
+        })
+        .await
+        .expect("create-key --fleet");
+        let keys = store.list(Some(&Scope::Fleet)).await.expect("list");
+        assert_eq!(keys.len(), 1);
+        assert_eq!(
+            (keys[0].role, keys[0].name.as_str()),
+            (Role::Service, "collector")
+        );
+        assert_eq!(key_json(&keys[0])["scope"], "fleet");
+        assert_eq!(key_json(&keys[0])["tenant"], serde_json::Value::Null);
+        let entry = &store.audit_log(1).await.expect("audit log")[0];
+        assert_eq!(
+            entry.tenant, None,
+            "a fleet key's audit entry has no tenant"
+        );
+
+        // set-role cannot take a fleet key out of the service role.
+        let err = run(AdminCommand::SetRole {
+            id: keys[0].id,
+            role: Role::Admin,
+            database,
+            output: Output::Json,
+        })
+        .await
+        .expect_err("fleet key made admin");
+        assert!(
+            err.to_string()
+                .contains("fleet keys have the service role only"),
+            "{err}"
+        );
     }
 
     #[test]
