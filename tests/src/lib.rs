@@ -75,7 +75,7 @@ impl Deployment {
         let admin_key = keys
             .create_key(
                 NewKey {
-                    tenant: "acme".to_owned(),
+                    scope: keel_auth::Scope::tenant("acme")?,
                     role: Role::Admin,
                     name: "e2e-admin".to_owned(),
                     expires_at: None,
@@ -110,7 +110,7 @@ impl Deployment {
             .keys
             .create_key(
                 NewKey {
-                    tenant: tenant.to_owned(),
+                    scope: keel_auth::Scope::tenant(tenant)?,
                     role,
                     name: name.to_owned(),
                     expires_at: None,

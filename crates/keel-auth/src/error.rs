@@ -1,7 +1,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::Role;
+use crate::{Role, Scope};
 
 /// Why an API key could not be created, registered, found or accepted.
 #[derive(Debug, thiserror::Error)]
@@ -29,23 +29,29 @@ pub enum AuthError {
     /// The key's expiry has passed.
     #[error("API key expired")]
     Expired,
-    /// The tenant already has an active key with this name.
-    #[error("tenant {tenant:?} already has an active API key named {name:?}")]
+    /// The scope (a tenant, or the fleet) already has an active key with this name.
+    #[error("{scope} already has an active API key named {name:?}")]
     NameTaken {
-        /// The key's tenant.
-        tenant: String,
+        /// The key's scope.
+        scope: Scope,
         /// The name asked for.
         name: String,
     },
     /// [`KeyStore::ensure_key`](crate::KeyStore::ensure_key) was given a key that is
-    /// already registered with another tenant or role.
-    #[error("API key is already registered for tenant {tenant:?} with role {role}")]
+    /// already registered with another scope or role.
+    #[error("API key is already registered for {scope} with role {role}")]
     KeyConflict {
-        /// The tenant the key is registered for.
-        tenant: String,
+        /// The scope the key is registered for.
+        scope: Scope,
         /// The role the key is registered with.
         role: Role,
     },
+    /// A fleet key asked for, or given, a role other than [`Role::Service`]: only
+    /// Keel's own services reach every tenant, and they need nothing more.
+    #[error(
+        "fleet keys have the service role only, not {0}; a person or a tool needs a key of one tenant (--tenant)"
+    )]
+    FleetRoleNotService(Role),
     /// No key has this id.
     #[error("no API key with id {0}")]
     NotFound(Uuid),
@@ -73,7 +79,8 @@ impl From<AuthError> for tonic::Status {
         match err {
             AuthError::InvalidTenant(_)
             | AuthError::InvalidName(_)
-            | AuthError::ExpiryInPast(_) => Status::invalid_argument(err.to_string()),
+            | AuthError::ExpiryInPast(_)
+            | AuthError::FleetRoleNotService(_) => Status::invalid_argument(err.to_string()),
             AuthError::MalformedKey | AuthError::UnknownKey => {
                 Status::unauthenticated("invalid API key")
             }

@@ -10,8 +10,9 @@ use tower_service::Service;
 
 use keel_server::PeerIdentity;
 
+use crate::in_process::InProcessCall;
 use crate::store::Authenticated;
-use crate::{AuthError, KeyStore, Principal, Role};
+use crate::{AuthError, KeyStore, Principal, Role, Scope};
 
 const API_KEY_HEADER: &str = "x-api-key";
 const MISSING_KEY: &str = "missing API key: send the header \"authorization: Bearer keel_...\"";
@@ -28,7 +29,15 @@ const INVALID_KEY: &str = "invalid API key";
 /// When the server verified a client certificate under mutual TLS, its
 /// [`PeerIdentity`] is copied into [`Principal::peer_identity`]. With
 /// [`AuthLayer::require_client_cert_for_service_keys`], a `service` key is refused
-/// unless that identity is the key's name.
+/// unless that identity is the key's name; with [`AuthLayer::mutual_tls`] (set
+/// whenever the listener verifies client certificates), the same holds for every
+/// fleet key.
+///
+/// A call made through an [`InProcess`](crate::InProcess) channel, from a service
+/// of this same process, carries a marker only keel-auth can create and is let
+/// through without a key as an internal fleet caller (role `service`). Nothing that
+/// arrives over a listener can carry that marker: request extensions are never
+/// filled from the wire, and no header stands for it.
 ///
 /// Wrap each generated server separately, so services that must stay open (health,
 /// reflection) are simply left unwrapped:
@@ -46,6 +55,7 @@ const INVALID_KEY: &str = "invalid API key";
 pub struct AuthLayer {
     store: KeyStore,
     require_client_cert_for_service_keys: bool,
+    mutual_tls: bool,
 }
 
 impl AuthLayer {
@@ -55,8 +65,17 @@ impl AuthLayer {
     pub fn new(store: KeyStore) -> Self {
         AuthLayer {
             require_client_cert_for_service_keys: store.require_client_cert_for_service_keys,
+            mutual_tls: store.mutual_tls,
             store,
         }
+    }
+
+    /// With `on` (the listener verifies client certificates), a call with a fleet key
+    /// is refused with UNAUTHENTICATED unless it carries a [`PeerIdentity`] equal to
+    /// the key's name. Overrides the store's setting ([`KeyStore::mutual_tls`]).
+    pub fn mutual_tls(mut self, on: bool) -> Self {
+        self.mutual_tls = on;
+        self
     }
 
     /// With `required`, a call with a `service` key is refused with UNAUTHENTICATED
@@ -77,6 +96,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             store: self.store.clone(),
             require_client_cert_for_service_keys: self.require_client_cert_for_service_keys,
+            mutual_tls: self.mutual_tls,
         }
     }
 }
@@ -88,6 +108,7 @@ pub struct AuthService<S> {
     inner: S,
     store: KeyStore,
     require_client_cert_for_service_keys: bool,
+    mutual_tls: bool,
 }
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for AuthService<S> {
@@ -116,6 +137,12 @@ where
         // a fresh clone stays behind for the next poll_ready.
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
+        // Only keel-auth's in-process channel puts this here; see `InProcess`.
+        if let Some(call) = request.extensions().get::<InProcessCall>() {
+            let principal = call.principal();
+            request.extensions_mut().insert(principal);
+            return Box::pin(inner.call(request));
+        }
         let store = self.store.clone();
         // Copied out before the async block so the future does not borrow the request
         // (whose body need not be Sync).
@@ -124,12 +151,15 @@ where
             .extensions()
             .get::<PeerIdentity>()
             .map(|identity| identity.0.clone());
-        let require_client_cert = self.require_client_cert_for_service_keys;
+        let binding = CertBinding {
+            service_keys: self.require_client_cert_for_service_keys,
+            fleet_keys: self.mutual_tls,
+        };
         Box::pin(async move {
             let principal = match key {
                 Ok(key) => authenticate(&store, &key)
                     .await
-                    .and_then(|found| check_peer(found, peer_identity, require_client_cert)),
+                    .and_then(|found| check_peer(found, peer_identity, binding)),
                 Err(status) => Err(status),
             };
             match principal {
@@ -190,21 +220,40 @@ async fn authenticate(store: &KeyStore, key: &SecretString) -> Result<Authentica
     }
 }
 
+/// Which keys must come with a client certificate naming them.
+#[derive(Debug, Clone, Copy)]
+struct CertBinding {
+    /// Every `service` key, tenant or fleet.
+    service_keys: bool,
+    /// Every fleet key: mutual TLS is on.
+    fleet_keys: bool,
+}
+
 /// The caller, with the identity of its client certificate; refused if it holds a
-/// service key that `require_client_cert` binds to a certificate it did not present.
+/// key that `binding` binds to a certificate it did not present.
 fn check_peer(
     found: Authenticated,
     peer_identity: Option<String>,
-    require_client_cert: bool,
+    binding: CertBinding,
 ) -> Result<Principal, Status> {
     let Authenticated {
         mut principal,
         name,
     } = found;
-    if require_client_cert
-        && principal.role == Role::Service
-        && peer_identity.as_deref() != Some(name.as_str())
-    {
+    let named = peer_identity.as_deref() == Some(name.as_str());
+    if binding.fleet_keys && principal.scope == Scope::Fleet && !named {
+        tracing::debug!(
+            key_id = %principal.key_id,
+            key_name = %name,
+            peer_identity = peer_identity.as_deref(),
+            "rejected fleet key without a client certificate naming it"
+        );
+        return Err(Status::unauthenticated(format!(
+            "fleet keys must come with a client certificate for {name} (mutual TLS is on): \
+             present the certificate issued to {name}"
+        )));
+    }
+    if binding.service_keys && principal.role == Role::Service && !named {
         tracing::debug!(
             key_id = %principal.key_id,
             key_name = %name,

@@ -1,8 +1,13 @@
 //! Keel's API keys and the layer that authenticates every gRPC call.
 //!
 //! A key looks like `keel_` followed by 40 random characters. Only its SHA-256
-//! hash is stored (table `auth.api_keys`), together with the tenant and the
-//! [`Role`] it is bound to, so a database dump never yields a usable key.
+//! hash is stored (table `auth.api_keys`), together with the [`Scope`] and the
+//! [`Role`] it is bound to, so a database dump never yields a usable key. A key's
+//! scope is one [`Tenant`], or the fleet for Keel's own services (role `service`
+//! only, enforced by the database too).
+//!
+//! Services of one process call each other through an [`InProcess`] channel, as an
+//! internal fleet caller that needs no key and that no listener accepts.
 //!
 //! Services wrap each generated server in [`AuthLayer`]; handlers then read the
 //! caller's [`Principal`] with [`principal`] and check it with
@@ -18,6 +23,7 @@
 
 mod audit;
 mod error;
+mod in_process;
 mod key;
 mod layer;
 mod role;
@@ -25,6 +31,7 @@ mod store;
 
 pub use audit::{Actor, AuditEntry, action};
 pub use error::AuthError;
+pub use in_process::{BoxError, InProcess};
 pub use layer::{AuthLayer, AuthService, bearer_interceptor, principal};
-pub use role::{ParseRoleError, Principal, Role, validate_tenant};
+pub use role::{ParseRoleError, Principal, Role, Scope, Tenant, validate_tenant};
 pub use store::{CreatedKey, DEFAULT_CACHE_TTL, KeyInfo, KeyStore, NewKey};

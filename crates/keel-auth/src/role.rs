@@ -85,14 +85,118 @@ pub fn validate_tenant(tenant: &str) -> Result<(), AuthError> {
     }
 }
 
+/// A validated tenant name: a DNS label (see [`validate_tenant`]), so it can name
+/// Kubernetes objects and metric labels unchanged. It can never be empty.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tenant(String);
+
+impl Tenant {
+    /// `name` as a tenant, if it is a DNS label.
+    pub fn new(name: impl Into<String>) -> Result<Self, AuthError> {
+        let name = name.into();
+        validate_tenant(&name)?;
+        Ok(Tenant(name))
+    }
+
+    /// The tenant's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Tenant {
+    type Err = AuthError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Tenant::new(s)
+    }
+}
+
+impl AsRef<str> for Tenant {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for Tenant {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Tenant {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// Whose data a key, and so a call, may reach.
+///
+/// Every user-facing key is bound to one tenant. Keel's own services (a collector
+/// scraping every tenant's instances) hold fleet keys, which always have the
+/// [`Role::Service`] role; the database refuses a fleet key with any other role.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// One tenant's data only; another tenant's looks like nothing at all.
+    Tenant(Tenant),
+    /// Every tenant's data: Keel's own services only.
+    Fleet,
+}
+
+impl Scope {
+    /// The scope of one tenant, if `name` is a valid tenant.
+    pub fn tenant(name: impl Into<String>) -> Result<Self, AuthError> {
+        Tenant::new(name).map(Scope::Tenant)
+    }
+
+    /// The tenant this scope is bound to; `None` for the fleet.
+    pub fn tenant_name(&self) -> Option<&Tenant> {
+        match self {
+            Scope::Tenant(tenant) => Some(tenant),
+            Scope::Fleet => None,
+        }
+    }
+
+    /// Whether this is the fleet scope.
+    pub fn is_fleet(&self) -> bool {
+        matches!(self, Scope::Fleet)
+    }
+
+    /// Whether a caller of this scope may see `tenant`'s data.
+    pub fn covers(&self, tenant: &str) -> bool {
+        match self {
+            Scope::Tenant(own) => own.as_str() == tenant,
+            Scope::Fleet => true,
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    /// `tenant acme` or `fleet`, as messages and listings show it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Tenant(tenant) => write!(f, "tenant {tenant}"),
+            Scope::Fleet => f.write_str("fleet"),
+        }
+    }
+}
+
 /// The authenticated caller of an RPC, put into the request extensions by
 /// [`AuthLayer`](crate::AuthLayer) and read back with [`principal`](crate::principal).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The API key the caller used.
+    /// The API key the caller used; for an in-process call
+    /// ([`in_process_channel`](crate::in_process_channel)), an id of the channel, which
+    /// names no stored key.
     pub key_id: Uuid,
-    /// The tenant every query of this call must be scoped to.
-    pub tenant: String,
+    /// Whose data every query of this call is scoped to.
+    pub scope: Scope,
     /// What the caller may do.
     pub role: Role,
     /// The identity in the client certificate the server verified under mutual TLS
@@ -198,7 +302,7 @@ mod tests {
     fn require_explains_the_missing_role() {
         let p = Principal {
             key_id: Uuid::nil(),
-            tenant: "acme".into(),
+            scope: Scope::tenant("acme").expect("valid tenant"),
             role: Role::Viewer,
             peer_identity: None,
         };

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::audit::{Record, action};
 use crate::key::{self, KeyHash};
-use crate::{Actor, AuditEntry, AuthError, Principal, Role, validate_tenant};
+use crate::{Actor, AuditEntry, AuthError, Principal, Role, Scope, Tenant};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 const SCHEMA: &str = "auth";
@@ -37,20 +37,48 @@ const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 const NAME_MAX_CHARS: usize = 100;
-/// The partial unique index on (tenant, name) among active keys, see the migration.
+/// The partial unique index on (tenant, name) among active tenant keys, see the migrations.
 const ACTIVE_NAME_INDEX: &str = "api_keys_active_name";
+/// The partial unique index on name among active fleet keys (0003_fleet_keys).
+const ACTIVE_FLEET_NAME_INDEX: &str = "api_keys_active_fleet_name";
+/// The CHECK constraint that gives fleet keys the service role only (0003_fleet_keys).
+const FLEET_SERVICE_ONLY: &str = "api_keys_fleet_service_only";
 
 /// A key to create with [`KeyStore::create_key`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewKey {
-    /// The tenant the key acts for.
-    pub tenant: String,
+    /// Whose data the key reaches: one tenant, or the fleet (then `role` must be
+    /// [`Role::Service`]).
+    pub scope: Scope,
     /// What the key may do.
     pub role: Role,
-    /// A label unique among the tenant's active keys, e.g. `"ci-deploy"`.
+    /// A label unique among the scope's active keys, e.g. `"ci-deploy"`; for a fleet
+    /// key, the identity its client certificate must name under mutual TLS.
     pub name: String,
     /// When the key stops working; `None` for never.
     pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl NewKey {
+    /// A key of `tenant` with `role`, never expiring.
+    pub fn tenant(tenant: Tenant, role: Role, name: impl Into<String>) -> Self {
+        NewKey {
+            scope: Scope::Tenant(tenant),
+            role,
+            name: name.into(),
+            expires_at: None,
+        }
+    }
+
+    /// A fleet key (role `service`) for one of Keel's own services, never expiring.
+    pub fn fleet(name: impl Into<String>) -> Self {
+        NewKey {
+            scope: Scope::Fleet,
+            role: Role::Service,
+            name: name.into(),
+            expires_at: None,
+        }
+    }
 }
 
 /// A freshly created key. This is the only time the clear key exists: hand it to
@@ -63,8 +91,8 @@ pub struct CreatedKey {
     pub key: SecretString,
     /// The key's first 12 characters, shown in listings.
     pub prefix: String,
-    /// The tenant the key acts for.
-    pub tenant: String,
+    /// Whose data the key reaches.
+    pub scope: Scope,
     /// What the key may do.
     pub role: Role,
     /// The key's label.
@@ -76,8 +104,8 @@ pub struct CreatedKey {
 pub struct KeyInfo {
     /// The key's id.
     pub id: Uuid,
-    /// The tenant the key acts for.
-    pub tenant: String,
+    /// Whose data the key reaches.
+    pub scope: Scope,
     /// What the key may do.
     pub role: Role,
     /// The key's label.
@@ -113,6 +141,8 @@ pub struct KeyStore {
     /// Read by [`AuthLayer::new`](crate::AuthLayer::new); see
     /// [`KeyStore::require_client_cert_for_service_keys`].
     pub(crate) require_client_cert_for_service_keys: bool,
+    /// Read by [`AuthLayer::new`](crate::AuthLayer::new); see [`KeyStore::mutual_tls`].
+    pub(crate) mutual_tls: bool,
 }
 
 impl fmt::Debug for KeyStore {
@@ -123,6 +153,7 @@ impl fmt::Debug for KeyStore {
                 "require_client_cert_for_service_keys",
                 &self.require_client_cert_for_service_keys,
             )
+            .field("mutual_tls", &self.mutual_tls)
             .finish_non_exhaustive()
     }
 }
@@ -149,7 +180,17 @@ impl KeyStore {
             pool,
             cache: Arc::new(Cache::new(cache_ttl)),
             require_client_cert_for_service_keys: false,
+            mutual_tls: false,
         }
+    }
+
+    /// Say `on` when the listeners verify client certificates (mutual TLS): every
+    /// [`AuthLayer`](crate::AuthLayer) built from this store then refuses a fleet key
+    /// unless the call came with a verified client certificate naming the key, so a
+    /// leaked fleet key, which reaches every tenant, is useless on its own. Off by default.
+    pub fn mutual_tls(mut self, on: bool) -> Self {
+        self.mutual_tls = on;
+        self
     }
 
     /// With `required`, every [`AuthLayer`](crate::AuthLayer) built from this store
@@ -166,7 +207,7 @@ impl KeyStore {
 
     /// Generates a new random key, stores its hash and records `key.created` for `actor`.
     pub async fn create_key(&self, new: NewKey, actor: &Actor) -> Result<CreatedKey, AuthError> {
-        validate_tenant(&new.tenant)?;
+        check_scope_role(&new.scope, new.role)?;
         validate_name(&new.name)?;
         if let Some(expires_at) = new.expires_at
             && expires_at <= Utc::now()
@@ -183,7 +224,7 @@ impl KeyStore {
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(id)
-        .bind(&new.tenant)
+        .bind(tenant_of(&new.scope))
         .bind(new.role.as_str())
         .bind(&new.name)
         .bind(&hash[..])
@@ -191,11 +232,11 @@ impl KeyStore {
         .bind(new.expires_at)
         .execute(&mut *tx)
         .await
-        .map_err(|e| insert_error(e, &new.tenant, &new.name))?;
+        .map_err(|e| insert_error(e, &new.scope, &new.name, new.role))?;
         Record {
             actor,
             action: action::KEY_CREATED,
-            tenant: Some(&new.tenant),
+            tenant: tenant_of(&new.scope),
             subject: &id.to_string(),
             details: json!({
                 "name": new.name,
@@ -207,12 +248,12 @@ impl KeyStore {
         .insert(&mut tx)
         .await?;
         tx.commit().await?;
-        tracing::info!(key_id = %id, tenant = %new.tenant, role = %new.role, key_prefix = %prefix, %actor, "created API key");
+        tracing::info!(key_id = %id, scope = %new.scope, role = %new.role, key_prefix = %prefix, %actor, "created API key");
         Ok(CreatedKey {
             id,
             key,
             prefix,
-            tenant: new.tenant,
+            scope: new.scope,
             role: new.role,
             name: new.name,
         })
@@ -237,7 +278,7 @@ impl KeyStore {
         if !key::is_well_formed(key) {
             return Err(AuthError::MalformedKey);
         }
-        validate_tenant(tenant)?;
+        let scope = Scope::tenant(tenant)?;
         validate_name(name)?;
         let hash = key::hash(key);
         let prefix = key::display_prefix(key);
@@ -255,7 +296,7 @@ impl KeyStore {
         .bind(prefix)
         .fetch_optional(&mut *tx)
         .await
-        .map_err(|e| insert_error(e, tenant, name))?;
+        .map_err(|e| insert_error(e, &scope, name, role))?;
         if let Some(id) = inserted {
             Record {
                 actor,
@@ -279,9 +320,10 @@ impl KeyStore {
             .fetch_one(&self.pool)
             .await?;
         let existing_role = parse_role(&row.role)?;
-        if row.tenant != tenant || existing_role != role {
+        let existing_scope = parse_scope(row.tenant)?;
+        if existing_scope != scope || existing_role != role {
             return Err(AuthError::KeyConflict {
-                tenant: row.tenant,
+                scope: existing_scope,
                 role: existing_role,
             });
         }
@@ -331,7 +373,7 @@ impl KeyStore {
         let found = Authenticated {
             principal: Principal {
                 key_id: row.id,
-                tenant: row.tenant,
+                scope: parse_scope(row.tenant)?,
                 role: parse_role(&row.role)?,
                 peer_identity: None,
             },
@@ -444,7 +486,7 @@ impl KeyStore {
         let mut tx = self.pool.begin().await?;
         // `revoked_at IS NULL` makes a concurrent second revocation wait for the row
         // lock and then match nothing, so each key is recorded as revoked once.
-        let revoked: Option<(String, String, String)> = sqlx::query_as(
+        let revoked: Option<(Option<String>, String, String)> = sqlx::query_as(
             "UPDATE auth.api_keys SET revoked_at = now() \
              WHERE id = $1 AND revoked_at IS NULL RETURNING tenant, role, name",
         )
@@ -468,7 +510,7 @@ impl KeyStore {
         Record {
             actor,
             action: action::KEY_REVOKED,
-            tenant: Some(&tenant),
+            tenant: tenant.as_deref(),
             subject: &id.to_string(),
             details: json!({ "name": name, "role": role }),
         }
@@ -479,7 +521,7 @@ impl KeyStore {
         // After the commit: forgetting earlier would let a concurrent lookup cache the
         // still-active key again.
         self.cache.forget_key(id);
-        tracing::info!(key_id = %id, %tenant, %actor, "revoked API key");
+        tracing::info!(key_id = %id, tenant = tenant.as_deref().unwrap_or("(fleet)"), %actor, "revoked API key");
         Ok(())
     }
 
@@ -511,15 +553,17 @@ impl KeyStore {
         if info.role == role {
             return Ok(info);
         }
+        check_scope_role(&info.scope, role)?;
         sqlx::query("UPDATE auth.api_keys SET role = $2 WHERE id = $1")
             .bind(id)
             .bind(role.as_str())
             .execute(&mut *tx)
-            .await?;
+            .await
+            .map_err(|e| insert_error(e, &info.scope, &info.name, role))?;
         Record {
             actor,
             action: action::KEY_ROLE_CHANGED,
-            tenant: Some(&info.tenant),
+            tenant: tenant_of(&info.scope),
             subject: &id.to_string(),
             details: json!({
                 "name": info.name,
@@ -532,7 +576,7 @@ impl KeyStore {
         announce_change(&mut tx, id).await?;
         tx.commit().await?;
         self.cache.forget_key(id);
-        tracing::info!(key_id = %id, tenant = %info.tenant, old_role = %info.role, new_role = %role, %actor, "changed API key role");
+        tracing::info!(key_id = %id, scope = %info.scope, old_role = %info.role, new_role = %role, %actor, "changed API key role");
         Ok(KeyInfo { role, ..info })
     }
 
@@ -576,16 +620,19 @@ impl KeyStore {
         Ok(entries)
     }
 
-    /// Lists keys, of one tenant or of all, revoked and expired ones included.
-    pub async fn list(&self, tenant: Option<&str>) -> Result<Vec<KeyInfo>, AuthError> {
-        if let Some(tenant) = tenant {
-            validate_tenant(tenant)?;
-        }
+    /// Lists keys, revoked and expired ones included: those of one scope (a tenant's,
+    /// or the fleet keys), or all with `None`. Fleet keys come first.
+    pub async fn list(&self, scope: Option<&Scope>) -> Result<Vec<KeyInfo>, AuthError> {
+        let (all, tenant) = match scope {
+            None => (true, None),
+            Some(scope) => (false, tenant_of(scope)),
+        };
         let rows: Vec<InfoRow> = sqlx::query_as(
             "SELECT id, tenant, role, name, key_prefix, created_at, expires_at, revoked_at \
-             FROM auth.api_keys WHERE $1::text IS NULL OR tenant = $1 \
-             ORDER BY tenant, created_at, id",
+             FROM auth.api_keys WHERE $1 OR tenant IS NOT DISTINCT FROM $2 \
+             ORDER BY tenant NULLS FIRST, created_at, id",
         )
+        .bind(all)
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
@@ -596,7 +643,8 @@ impl KeyStore {
 #[derive(sqlx::FromRow)]
 struct KeyRow {
     id: Uuid,
-    tenant: String,
+    /// NULL for a fleet key.
+    tenant: Option<String>,
     role: String,
     name: String,
     expires_at: Option<DateTime<Utc>>,
@@ -614,7 +662,7 @@ impl KeyRow {
 #[derive(sqlx::FromRow)]
 struct InfoRow {
     id: Uuid,
-    tenant: String,
+    tenant: Option<String>,
     role: String,
     name: String,
     key_prefix: String,
@@ -628,7 +676,7 @@ impl InfoRow {
         Ok(KeyInfo {
             id: self.id,
             role: parse_role(&self.role)?,
-            tenant: self.tenant,
+            scope: parse_scope(self.tenant)?,
             name: self.name,
             prefix: self.key_prefix,
             created_at: self.created_at,
@@ -667,14 +715,43 @@ fn parse_role(role: &str) -> Result<Role, AuthError> {
         .map_err(|e| AuthError::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
-fn insert_error(err: sqlx::Error, tenant: &str, name: &str) -> AuthError {
-    if keel_store::violated_constraint(&err) == Some(ACTIVE_NAME_INDEX) {
-        AuthError::NameTaken {
-            tenant: tenant.to_owned(),
+/// The error to report for a failed INSERT or UPDATE of a key of `scope` named `name`
+/// with `role`.
+fn insert_error(err: sqlx::Error, scope: &Scope, name: &str, role: Role) -> AuthError {
+    match keel_store::violated_constraint(&err) {
+        Some(ACTIVE_NAME_INDEX | ACTIVE_FLEET_NAME_INDEX) => AuthError::NameTaken {
+            scope: scope.clone(),
             name: name.to_owned(),
-        }
-    } else {
-        AuthError::Database(err)
+        },
+        // Checked before every write; the constraint catches what the code missed.
+        Some(FLEET_SERVICE_ONLY) => AuthError::FleetRoleNotService(role),
+        _ => AuthError::Database(err),
+    }
+}
+
+/// Refuses a fleet key with any role but service, before the database would.
+fn check_scope_role(scope: &Scope, role: Role) -> Result<(), AuthError> {
+    if scope.is_fleet() && role != Role::Service {
+        return Err(AuthError::FleetRoleNotService(role));
+    }
+    Ok(())
+}
+
+/// The `tenant` column for `scope`: NULL for the fleet.
+fn tenant_of(scope: &Scope) -> Option<&str> {
+    scope.tenant_name().map(Tenant::as_str)
+}
+
+/// The scope of a stored key from its `tenant` column. Only valid tenants are ever
+/// written, so an invalid one means the row was changed behind Keel's back.
+fn parse_scope(tenant: Option<String>) -> Result<Scope, AuthError> {
+    match tenant {
+        None => Ok(Scope::Fleet),
+        Some(tenant) => Tenant::new(tenant).map(Scope::Tenant).map_err(|e| {
+            AuthError::Database(sqlx::Error::Decode(Box::new(std::io::Error::other(
+                e.to_string(),
+            ))))
+        }),
     }
 }
 
@@ -786,7 +863,7 @@ mod tests {
         Authenticated {
             principal: Principal {
                 key_id: Uuid::from_u128(n),
-                tenant: "acme".into(),
+                scope: Scope::tenant("acme").expect("valid tenant"),
                 role: Role::Viewer,
                 peer_identity: None,
             },

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use keel_auth::{Actor, AuditEntry, AuthError, KeyStore, NewKey, Role, action};
+use keel_auth::{Actor, AuditEntry, AuthError, KeyStore, NewKey, Role, Scope, action};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
@@ -21,7 +21,7 @@ async fn store(cache_ttl: Duration) -> (KeyStore, PgPool) {
 
 fn new_key(tenant: &str, role: Role, name: &str) -> NewKey {
     NewKey {
-        tenant: tenant.into(),
+        scope: Scope::tenant(tenant).expect("valid tenant"),
         role,
         name: name.into(),
         expires_at: None,
@@ -236,10 +236,7 @@ async fn failed_actions_write_no_row() {
         .await
         .expect_err("duplicate name");
     assert!(matches!(err, AuthError::NameTaken { .. }), "{err}");
-    let err = store
-        .create_key(new_key("Acme", Role::Admin, "x"), &alice())
-        .await
-        .expect_err("bad tenant");
+    let err = Scope::tenant("Acme").expect_err("bad tenant");
     assert!(matches!(err, AuthError::InvalidTenant(_)), "{err}");
     let err = store
         .change_role(missing, Role::Admin, &alice())
@@ -362,8 +359,13 @@ async fn a_role_change_applies_on_the_next_call() {
         .await
         .expect("change role");
     assert_eq!(
-        (info.id, info.tenant.as_str(), info.name.as_str(), info.role),
-        (created.id, "acme", "dash", Role::Operator)
+        (
+            info.id,
+            info.scope.to_string().as_str(),
+            info.name.as_str(),
+            info.role
+        ),
+        (created.id, "tenant acme", "dash", Role::Operator)
     );
     let principal = store.authenticate(key).await.expect("authenticate");
     assert_eq!(
@@ -371,7 +373,11 @@ async fn a_role_change_applies_on_the_next_call() {
         (created.id, Role::Operator)
     );
     assert_eq!(
-        store.list(Some("acme")).await.expect("list")[0].role,
+        store
+            .list(Some(&Scope::tenant("acme").expect("valid tenant")))
+            .await
+            .expect("list")[0]
+            .role,
         Role::Operator
     );
 

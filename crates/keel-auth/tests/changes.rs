@@ -72,7 +72,7 @@ fn actor() -> Actor {
 
 async fn create(store: &KeyStore, role: Role, name: &str) -> (Uuid, SecretString) {
     let new = NewKey {
-        tenant: "acme".into(),
+        scope: keel_auth::Scope::tenant("acme").expect("valid tenant"),
         role,
         name: name.into(),
         expires_at: None,

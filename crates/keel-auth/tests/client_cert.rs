@@ -30,7 +30,7 @@ async fn keys() -> Keys {
     let store = KeyStore::new(pool, Duration::from_secs(5));
     let create = |role, name: &str| {
         let new = NewKey {
-            tenant: "acme".into(),
+            scope: keel_auth::Scope::tenant("acme").expect("valid tenant"),
             role,
             name: name.into(),
             expires_at: None,
@@ -106,7 +106,7 @@ async fn check(layer: &AuthLayer, key: &SecretString, peer: Option<&str>, refuse
         None => {
             let principal = result.unwrap_or_else(|e| panic!("peer {peer:?} refused: {e:?}"));
             assert_eq!(principal.peer_identity.as_deref(), peer);
-            assert_eq!(principal.tenant, "acme");
+            assert_eq!(principal.scope.to_string(), "tenant acme");
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use keel_auth::{Actor, AuthError, KeyStore, NewKey, Role};
+use keel_auth::{Actor, AuthError, KeyStore, NewKey, Role, Scope};
 use secrecy::{ExposeSecret as _, SecretString};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
@@ -26,7 +26,7 @@ fn actor() -> Actor {
 
 fn new_key(tenant: &str, role: Role, name: &str) -> NewKey {
     NewKey {
-        tenant: tenant.into(),
+        scope: Scope::tenant(tenant).expect("valid tenant"),
         role,
         name: name.into(),
         expires_at: None,
@@ -44,16 +44,24 @@ async fn created_keys_authenticate_until_revoked() {
     assert!(key.starts_with("keel_") && key.len() == 45, "{key}");
     assert_eq!(created.prefix, key[..12]);
     assert_eq!(
-        (created.tenant.as_str(), created.role, created.name.as_str()),
-        ("acme", Role::Operator, "ci")
+        (
+            created.scope.to_string().as_str(),
+            created.role,
+            created.name.as_str()
+        ),
+        ("tenant acme", Role::Operator, "ci")
     );
     assert_eq!(created.id.get_version_num(), 7);
     assert!(!format!("{created:?}").contains(key), "Debug shows the key");
 
     let principal = store.authenticate(key).await.expect("authenticate");
     assert_eq!(
-        (principal.key_id, principal.tenant.as_str(), principal.role),
-        (created.id, "acme", Role::Operator)
+        (
+            principal.key_id,
+            principal.scope.to_string().as_str(),
+            principal.role
+        ),
+        (created.id, "tenant acme", Role::Operator)
     );
 
     store.revoke(created.id, &actor()).await.expect("revoke");
@@ -160,7 +168,10 @@ async fn the_database_holds_only_the_hash() {
     assert_eq!(hash, Sha256::digest(key.as_bytes()).to_vec());
     assert_eq!(prefix, key[..12]);
 
-    let listed = store.list(Some("acme")).await.expect("list");
+    let listed = store
+        .list(Some(&Scope::tenant("acme").expect("valid tenant")))
+        .await
+        .expect("list");
     assert_eq!(listed.len(), 1);
     assert!(!format!("{listed:?}").contains(&key[12..]));
     assert_eq!(
@@ -243,7 +254,7 @@ async fn names_are_unique_among_a_tenants_active_keys() {
         .expect_err("same name");
     assert_eq!(
         err.to_string(),
-        "tenant \"acme\" already has an active API key named \"ci\""
+        "tenant acme already has an active API key named \"ci\""
     );
     store
         .create_key(new_key("globex", Role::Viewer, "ci"), &actor())
@@ -255,13 +266,11 @@ async fn names_are_unique_among_a_tenants_active_keys() {
         .await
         .expect("name free again");
 
-    let err = store
-        .create_key(new_key("Acme", Role::Viewer, "x"), &actor())
-        .await
-        .expect_err("bad tenant");
+    let err = Scope::tenant("Acme").expect_err("bad tenant");
     assert!(matches!(err, AuthError::InvalidTenant(_)), "{err}");
     assert_eq!(store.list(None).await.expect("list").len(), 3);
-    assert_eq!(store.list(Some("globex")).await.expect("list").len(), 1);
+    let globex = Scope::tenant("globex").expect("valid tenant");
+    assert_eq!(store.list(Some(&globex)).await.expect("list").len(), 1);
 }
 
 #[tokio::test]
@@ -289,7 +298,7 @@ async fn ensure_key_is_idempotent_and_refuses_a_different_grant() {
         .expect_err("other role");
     assert_eq!(
         err.to_string(),
-        "API key is already registered for tenant \"system\" with role admin"
+        "API key is already registered for tenant system with role admin"
     );
     let err = store
         .ensure_key(&key, "acme", Role::Admin, "bootstrap", &actor())

@@ -30,7 +30,7 @@ fn actor() -> Actor {
 
 async fn key(store: &KeyStore, role: Role, name: &str) -> (uuid::Uuid, SecretString) {
     let new = NewKey {
-        tenant: "acme".into(),
+        scope: keel_auth::Scope::tenant("acme").expect("valid tenant"),
         role,
         name: name.into(),
         expires_at: None,
@@ -129,10 +129,10 @@ impl Health for OperatorsOnly {
     ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
         let principal = keel_auth::principal(&request)?;
         principal.require(Role::Operator, "check health")?;
-        if principal.tenant != "acme" {
+        if !matches!(&principal.scope, keel_auth::Scope::Tenant(t) if t.as_str() == "acme") {
             return Err(tonic::Status::internal(format!(
-                "wrong tenant {}",
-                principal.tenant
+                "wrong scope {}",
+                principal.scope
             )));
         }
         Ok(tonic::Response::new(HealthCheckResponse {

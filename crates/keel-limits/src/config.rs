@@ -2,9 +2,10 @@ use std::time::Duration;
 
 use keel_config::{ConfigError, parse_duration};
 
-/// The limits every API key is held to, read from flags or `KEEL_LIMIT_*` variables.
+/// The limits every tenant's API key is held to, read from flags or `KEEL_LIMIT_*` variables.
 ///
 /// Every limit applies to each key separately; the keys of one tenant do not share a budget.
+/// Fleet callers (Keel's own services) are held to [`FleetLimitsConfig`] instead.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct LimitsConfig {
     /// Requests per second one API key may make, sustained.
@@ -65,12 +66,126 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The limits each fleet caller (a fleet API key, or an in-process channel) is held to,
+/// read from flags or `KEEL_FLEET_LIMIT_*` variables.
+///
+/// Separate from the tenants' [`LimitsConfig`] so that user limits never throttle Keel's own
+/// services, and larger by default: one collector calls on behalf of every tenant. Fleet
+/// callers have budgets of their own, so their traffic never uses up a tenant's.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct FleetLimitsConfig {
+    /// Requests per second one fleet caller may make, sustained.
+    #[arg(
+        id = "fleet_limit_rate",
+        long = "fleet-limit-rate",
+        env = "KEEL_FLEET_LIMIT_RATE",
+        default_value_t = 1000
+    )]
+    pub rate: u32,
+    /// Requests one fleet caller may make in a burst above the sustained rate.
+    #[arg(
+        id = "fleet_limit_burst",
+        long = "fleet-limit-burst",
+        env = "KEEL_FLEET_LIMIT_BURST",
+        default_value_t = 2000
+    )]
+    pub burst: u32,
+    /// Requests one fleet caller may have running at once; more are refused, not queued.
+    #[arg(
+        id = "fleet_limit_concurrency",
+        long = "fleet-limit-concurrency",
+        env = "KEEL_FLEET_LIMIT_CONCURRENCY",
+        default_value_t = 256
+    )]
+    pub concurrency: u32,
+    /// Largest request body of one fleet call (e.g. 16MiB), gRPC framing included.
+    #[arg(
+        id = "fleet_limit_message_bytes",
+        long = "fleet-limit-message-bytes",
+        env = "KEEL_FLEET_LIMIT_MESSAGE_BYTES",
+        default_value = "16MiB",
+        value_parser = parse_bytes
+    )]
+    pub message_bytes: u64,
+    /// How long a server-streaming response to a fleet caller may run before it is ended.
+    #[arg(
+        id = "fleet_limit_stream_duration",
+        long = "fleet-limit-stream-duration",
+        env = "KEEL_FLEET_LIMIT_STREAM_DURATION",
+        default_value = "24h",
+        value_parser = parse_duration
+    )]
+    pub stream_duration: Duration,
+}
+
+impl Default for FleetLimitsConfig {
+    /// The same values as the flags' defaults.
+    fn default() -> Self {
+        Self {
+            rate: 1000,
+            burst: 2000,
+            concurrency: 256,
+            message_bytes: 16 * 1024 * 1024,
+            stream_duration: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl FleetLimitsConfig {
+    /// Checks that every limit lets at least some requests through.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits().validate_as(&FLEET_SETTINGS)
+    }
+
+    /// The same limits, as the layer applies them.
+    pub(crate) fn limits(&self) -> LimitsConfig {
+        LimitsConfig {
+            rate: self.rate,
+            burst: self.burst,
+            concurrency: self.concurrency,
+            message_bytes: self.message_bytes,
+            stream_duration: self.stream_duration,
+        }
+    }
+}
+
+/// The flag and variable of each limit, for messages.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) rate: &'static str,
+    pub(crate) burst: &'static str,
+    pub(crate) concurrency: &'static str,
+    pub(crate) message_bytes: &'static str,
+    pub(crate) stream_duration: &'static str,
+}
+
+pub(crate) const USER_SETTINGS: Settings = Settings {
+    rate: "--limit-rate / KEEL_LIMIT_RATE",
+    burst: "--limit-burst / KEEL_LIMIT_BURST",
+    concurrency: "--limit-concurrency / KEEL_LIMIT_CONCURRENCY",
+    message_bytes: "--limit-message-bytes / KEEL_LIMIT_MESSAGE_BYTES",
+    stream_duration: "--limit-stream-duration / KEEL_LIMIT_STREAM_DURATION",
+};
+
+pub(crate) const FLEET_SETTINGS: Settings = Settings {
+    rate: "--fleet-limit-rate / KEEL_FLEET_LIMIT_RATE",
+    burst: "--fleet-limit-burst / KEEL_FLEET_LIMIT_BURST",
+    concurrency: "--fleet-limit-concurrency / KEEL_FLEET_LIMIT_CONCURRENCY",
+    message_bytes: "--fleet-limit-message-bytes / KEEL_FLEET_LIMIT_MESSAGE_BYTES",
+    stream_duration: "--fleet-limit-stream-duration / KEEL_FLEET_LIMIT_STREAM_DURATION",
+};
+
 /// Smallest useful body limit: the 5-byte header of one gRPC message.
 const MIN_MESSAGE_BYTES: u64 = 5;
 
 impl LimitsConfig {
     /// Checks that every limit lets at least some requests through.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_as(&USER_SETTINGS)
+    }
+
+    /// [`LimitsConfig::validate`], naming the settings in `names`.
+    pub(crate) fn validate_as(&self, names: &Settings) -> Result<(), ConfigError> {
         let at_least_one = |setting, value: u32| {
             if value == 0 {
                 Err(ConfigError::Invalid {
@@ -81,15 +196,12 @@ impl LimitsConfig {
                 Ok(())
             }
         };
-        at_least_one("--limit-rate / KEEL_LIMIT_RATE", self.rate)?;
-        at_least_one("--limit-burst / KEEL_LIMIT_BURST", self.burst)?;
-        at_least_one(
-            "--limit-concurrency / KEEL_LIMIT_CONCURRENCY",
-            self.concurrency,
-        )?;
+        at_least_one(names.rate, self.rate)?;
+        at_least_one(names.burst, self.burst)?;
+        at_least_one(names.concurrency, self.concurrency)?;
         if self.message_bytes < MIN_MESSAGE_BYTES {
             return Err(ConfigError::Invalid {
-                setting: "--limit-message-bytes / KEEL_LIMIT_MESSAGE_BYTES",
+                setting: names.message_bytes,
                 reason: format!(
                     "must be at least {MIN_MESSAGE_BYTES} bytes (the header of one gRPC message)"
                 ),
@@ -97,7 +209,7 @@ impl LimitsConfig {
         }
         if self.stream_duration.is_zero() {
             return Err(ConfigError::Invalid {
-                setting: "--limit-stream-duration / KEEL_LIMIT_STREAM_DURATION",
+                setting: names.stream_duration,
                 reason: "must be longer than zero".into(),
             });
         }
@@ -157,10 +269,42 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         limits: LimitsConfig,
+        #[command(flatten)]
+        fleet: FleetLimitsConfig,
+    }
+
+    fn parse_both(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("keel").chain(args.iter().copied()))
     }
 
     fn parse(args: &[&str]) -> Result<LimitsConfig, clap::Error> {
-        Cli::try_parse_from(std::iter::once("keel").chain(args.iter().copied())).map(|c| c.limits)
+        parse_both(args).map(|c| c.limits)
+    }
+
+    #[test]
+    fn fleet_limits_have_their_own_flags_and_larger_defaults() {
+        if std::env::vars().any(|(name, _)| name.starts_with("KEEL_FLEET_LIMIT_")) {
+            return;
+        }
+        let cli = parse_both(&["--fleet-limit-rate=7", "--limit-rate=3"]).expect("flags parse");
+        assert_eq!((cli.limits.rate, cli.fleet.rate), (3, 7));
+        let defaults = parse_both(&[]).expect("defaults parse").fleet;
+        assert_eq!(defaults, FleetLimitsConfig::default());
+        let user = LimitsConfig::default();
+        assert!(defaults.rate > user.rate && defaults.burst > user.burst);
+        assert!(defaults.concurrency > user.concurrency);
+        assert!(defaults.validate().is_ok());
+        let zero = FleetLimitsConfig {
+            concurrency: 0,
+            ..FleetLimitsConfig::default()
+        };
+        assert_eq!(
+            zero.validate().map_err(|e| e.to_string()),
+            Err(
+                "--fleet-limit-concurrency / KEEL_FLEET_LIMIT_CONCURRENCY: must be at least 1"
+                    .into()
+            )
+        );
     }
 
     #[test]

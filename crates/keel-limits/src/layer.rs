@@ -17,10 +17,11 @@ use tower_layer::Layer;
 use tower_service::Service;
 use uuid::Uuid;
 
-use crate::LimitsConfig;
 use crate::body::{LimitedRequest, LimitedResponse, too_large};
 use crate::concurrency::InFlight;
+use crate::config::{FLEET_SETTINGS, Settings, USER_SETTINGS};
 use crate::metrics::{Limit, LimitMetrics, Tally};
+use crate::{FleetLimitsConfig, LimitsConfig};
 
 /// The gRPC metadata key of the rate-limit retry hint: milliseconds until the key may call again.
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
@@ -31,7 +32,9 @@ const NO_PRINCIPAL: &str = "limits need the auth layer in front";
 const SWEEP_EVERY: u64 = 4096;
 
 /// Holds every API key to the limits of a [`LimitsConfig`]: request rate, concurrent requests,
-/// request body size and server-stream duration. A call over a limit is answered with
+/// request body size and server-stream duration. Fleet callers (fleet keys and in-process
+/// channels, [`keel_auth::Scope::Fleet`]) are held to a [`FleetLimitsConfig`] instead, in
+/// budgets of their own, so tenants' limits never throttle Keel's own services. A call over a limit is answered with
 /// RESOURCE_EXHAUSTED saying when to retry (for the rate, also in the `retry-after-ms` metadata),
 /// and counted in `keel_limit_exceeded_total{tenant, limit}`.
 ///
@@ -62,38 +65,66 @@ pub struct LimitsLayer {
 
 #[derive(Debug)]
 struct Shared {
-    rate: u32,
-    limiter: DefaultKeyedRateLimiter<Uuid>,
+    /// Tenants' keys.
+    user: Budget,
+    /// Fleet callers.
+    fleet: Budget,
     calls: AtomicU64,
-    in_flight: Arc<InFlight>,
-    message_bytes: u64,
-    stream_duration: Duration,
     metrics: LimitMetrics,
 }
 
-impl LimitsLayer {
-    /// A layer enforcing `config`, with its metric registered in `metrics`.
-    ///
-    /// Fails if `config` does not pass [`LimitsConfig::validate`]. Call it once per registry:
-    /// each call registers `keel_limit_exceeded` again.
-    pub fn new(config: &LimitsConfig, metrics: &keel_server::Metrics) -> Result<Self, ConfigError> {
-        config.validate()?;
+/// The limits of one kind of caller and the per-caller state that enforces them.
+#[derive(Debug)]
+struct Budget {
+    rate: u32,
+    limiter: DefaultKeyedRateLimiter<Uuid>,
+    in_flight: Arc<InFlight>,
+    message_bytes: u64,
+    stream_duration: Duration,
+}
+
+impl Budget {
+    fn new(config: &LimitsConfig, names: &Settings) -> Result<Self, ConfigError> {
+        config.validate_as(names)?;
         let invalid = |setting| ConfigError::Invalid {
             setting,
             reason: "must be at least 1".into(),
         };
-        let rate = NonZeroU32::new(config.rate)
-            .ok_or_else(|| invalid("--limit-rate / KEEL_LIMIT_RATE"))?;
-        let burst = NonZeroU32::new(config.burst)
-            .ok_or_else(|| invalid("--limit-burst / KEEL_LIMIT_BURST"))?;
+        let rate = NonZeroU32::new(config.rate).ok_or_else(|| invalid(names.rate))?;
+        let burst = NonZeroU32::new(config.burst).ok_or_else(|| invalid(names.burst))?;
+        Ok(Budget {
+            rate: rate.get(),
+            limiter: RateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
+            in_flight: Arc::new(InFlight::new(config.concurrency)),
+            message_bytes: config.message_bytes,
+            stream_duration: config.stream_duration,
+        })
+    }
+}
+
+impl LimitsLayer {
+    /// A layer enforcing `config` on tenants' keys and the default [`FleetLimitsConfig`] on
+    /// fleet callers, with its metric registered in `metrics`.
+    ///
+    /// Fails if `config` does not pass [`LimitsConfig::validate`]. Call it once per registry:
+    /// each call registers `keel_limit_exceeded` again.
+    pub fn new(config: &LimitsConfig, metrics: &keel_server::Metrics) -> Result<Self, ConfigError> {
+        Self::with_fleet(config, &FleetLimitsConfig::default(), metrics)
+    }
+
+    /// A layer enforcing `user` on tenants' keys and `fleet` on fleet callers.
+    ///
+    /// Fails if either does not validate. Call it once per registry, like [`LimitsLayer::new`].
+    pub fn with_fleet(
+        user: &LimitsConfig,
+        fleet: &FleetLimitsConfig,
+        metrics: &keel_server::Metrics,
+    ) -> Result<Self, ConfigError> {
         Ok(Self {
             shared: Arc::new(Shared {
-                rate: rate.get(),
-                limiter: RateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
+                user: Budget::new(user, &USER_SETTINGS)?,
+                fleet: Budget::new(&fleet.limits(), &FLEET_SETTINGS)?,
                 calls: AtomicU64::new(0),
-                in_flight: Arc::new(InFlight::new(config.concurrency)),
-                message_bytes: config.message_bytes,
-                stream_duration: config.stream_duration,
                 metrics: LimitMetrics::register(metrics),
             }),
         })
@@ -155,11 +186,12 @@ where
         // body need not be Sync).
         let admitted = shared.admit(&request);
         Box::pin(async move {
-            let (tally, slot) = match admitted {
+            let (tally, slot, fleet) = match admitted {
                 Ok(admitted) => admitted,
                 Err(status) => return Ok(status.into_http()),
             };
-            let limit = shared.message_bytes;
+            let budget = shared.budget(fleet);
+            let (limit, stream_duration) = (budget.message_bytes, budget.stream_duration);
             let request = request.map(|body| {
                 tonic::body::Body::new(LimitedRequest::new(body, limit, tally.clone()))
             });
@@ -167,7 +199,7 @@ where
             Ok(response.map(|body| {
                 tonic::body::Body::new(LimitedResponse::new(
                     tonic::body::Body::new(body),
-                    shared.stream_duration,
+                    stream_duration,
                     tally,
                     slot,
                 ))
@@ -177,22 +209,32 @@ where
 }
 
 impl Shared {
+    fn budget(&self, fleet: bool) -> &Budget {
+        if fleet { &self.fleet } else { &self.user }
+    }
+
     /// Checks the limits that can be checked before the call starts, cheapest first, and stops
     /// at the first one exceeded. Every call takes a rate token, refused or not (a client
     /// retrying in a tight loop slows itself down); a refused call takes no concurrency slot.
+    ///
+    /// Returns the tally and slot of the call, and whether the caller is a fleet caller.
     fn admit<B: http_body::Body>(
         &self,
         request: &http::Request<B>,
-    ) -> Result<(Tally, crate::concurrency::Slot), Status> {
+    ) -> Result<(Tally, crate::concurrency::Slot, bool), Status> {
         let Some(principal) = request.extensions().get::<Principal>() else {
             tracing::error!(path = request.uri().path(), "{NO_PRINCIPAL}");
             return Err(Status::internal(NO_PRINCIPAL));
         };
-        let tally = Tally::new(self.metrics.clone(), &principal.tenant);
+        let fleet = principal.scope.is_fleet();
+        let budget = self.budget(fleet);
+        // Fleet callers are counted without a tenant: they act for all of them.
+        let tenant = principal.scope.tenant_name().map_or("", |t| t.as_str());
+        let tally = Tally::new(self.metrics.clone(), tenant);
         let refuse = |limit: Limit, status: Status| {
             tally.count(limit);
             tracing::debug!(
-                tenant = %principal.tenant,
+                scope = %principal.scope,
                 key_id = %principal.key_id,
                 limit = ?limit,
                 "request refused"
@@ -201,32 +243,43 @@ impl Shared {
         };
 
         self.sweep_idle_keys();
-        if let Err(not_until) = self.limiter.check_key(&principal.key_id) {
-            let wait = not_until.wait_time_from(self.limiter.clock().now());
-            return Err(refuse(Limit::Rate, self.rate_exceeded(wait)));
+        if let Err(not_until) = budget.limiter.check_key(&principal.key_id) {
+            let wait = not_until.wait_time_from(budget.limiter.clock().now());
+            return Err(refuse(Limit::Rate, budget.rate_exceeded(wait)));
         }
 
         let known = declared_length(request);
-        if known > self.message_bytes {
+        if known > budget.message_bytes {
             return Err(refuse(
                 Limit::MessageSize,
-                too_large(known, self.message_bytes),
+                too_large(known, budget.message_bytes),
             ));
         }
 
-        let Some(slot) = self.in_flight.try_acquire(principal.key_id) else {
+        let Some(slot) = budget.in_flight.try_acquire(principal.key_id) else {
             let message = format!(
                 "{} concurrent requests for this API key already running; retry when one finishes",
-                self.in_flight.limit()
+                budget.in_flight.limit()
             );
             return Err(refuse(
                 Limit::Concurrency,
                 Status::resource_exhausted(message),
             ));
         };
-        Ok((tally, slot))
+        Ok((tally, slot, fleet))
     }
 
+    /// Forgets keys whose token bucket is full again, now and then, so keys that stopped
+    /// calling (revoked, expired, or just idle) do not stay in memory.
+    fn sweep_idle_keys(&self) {
+        if self.calls.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.user.limiter.retain_recent();
+            self.fleet.limiter.retain_recent();
+        }
+    }
+}
+
+impl Budget {
     fn rate_exceeded(&self, wait: Duration) -> Status {
         // Rounded up, so a client that waits exactly this long is let through.
         let millis = u64::try_from(wait.as_nanos().div_ceil(1_000_000))
@@ -242,14 +295,6 @@ impl Shared {
             ),
             metadata,
         )
-    }
-
-    /// Forgets keys whose token bucket is full again, now and then, so keys that stopped
-    /// calling (revoked, expired, or just idle) do not stay in memory.
-    fn sweep_idle_keys(&self) {
-        if self.calls.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.limiter.retain_recent();
-        }
     }
 }
 
@@ -347,7 +392,7 @@ mod tests {
     fn principal() -> Principal {
         Principal {
             key_id: Uuid::now_v7(),
-            tenant: "acme".into(),
+            scope: keel_auth::Scope::tenant("acme").expect("valid tenant"),
             role: keel_auth::Role::Viewer,
             peer_identity: None,
         }

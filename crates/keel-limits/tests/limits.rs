@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use keel_auth::{Actor, AuthLayer, KeyStore, NewKey, Role, bearer_interceptor};
-use keel_limits::{LimitsConfig, LimitsLayer, RETRY_AFTER_MS};
+use keel_limits::{FleetLimitsConfig, LimitsConfig, LimitsLayer, RETRY_AFTER_MS};
 use keel_testkit::GrpcServer;
 use secrecy::SecretString;
 use tonic::service::Routes;
@@ -30,13 +30,17 @@ struct Harness {
 
 impl Harness {
     async fn start(config: LimitsConfig) -> Harness {
+        Self::start_with_fleet(config, FleetLimitsConfig::default()).await
+    }
+
+    async fn start_with_fleet(config: LimitsConfig, fleet: FleetLimitsConfig) -> Harness {
         let env = keel_testkit::TestEnv::new();
         let db = env.database().await.expect("test database");
         let pool = db.pool().await.expect("pool");
         KeyStore::migrate(&pool).await.expect("migrate");
         let store = KeyStore::new(pool, keel_auth::DEFAULT_CACHE_TTL);
         let metrics = keel_server::Metrics::default();
-        let limits = LimitsLayer::new(&config, &metrics).expect("valid limits");
+        let limits = LimitsLayer::with_fleet(&config, &fleet, &metrics).expect("valid limits");
         let (_, health) = tonic_health::server::health_reporter();
         let routes = Routes::new(AuthLayer::new(store.clone()).layer(limits.layer(health)));
         Harness {
@@ -52,7 +56,7 @@ impl Harness {
             .store
             .create_key(
                 NewKey {
-                    tenant: "acme".into(),
+                    scope: keel_auth::Scope::tenant("acme").expect("valid tenant"),
                     role: Role::Viewer,
                     name: name.into(),
                     expires_at: None,
@@ -61,6 +65,16 @@ impl Harness {
             )
             .await
             .expect("create key");
+        (self.client_for(created.key).await, created.id)
+    }
+
+    /// A client calling with a new fleet key, and the key's id.
+    async fn fleet_client(&self, name: &str) -> (Client, Uuid) {
+        let created = self
+            .store
+            .create_key(NewKey::fleet(name), &Actor::system("test"))
+            .await
+            .expect("create fleet key");
         (self.client_for(created.key).await, created.id)
     }
 
@@ -294,4 +308,75 @@ async fn without_the_auth_layer_calls_fail_closed() {
     let status = client.check(request("")).await.expect_err("no principal");
     assert_eq!(status.code(), Code::Internal);
     assert_eq!(status.message(), "limits need the auth layer in front");
+}
+
+/// Calls `client` `n` times and counts the calls refused for the rate.
+async fn refused_of(client: &mut Client, n: usize) -> usize {
+    let mut refused = 0;
+    for _ in 0..n {
+        match check(client).await {
+            Ok(_) => {}
+            Err(status) if status.code() == Code::ResourceExhausted => refused += 1,
+            Err(status) => panic!("unexpected refusal: {status:?}"),
+        }
+    }
+    refused
+}
+
+#[tokio::test]
+async fn fleet_callers_are_held_to_the_fleet_limits_not_the_user_ones() {
+    // Tight user limits, generous fleet limits: Keel's own services are not throttled.
+    let user = LimitsConfig {
+        rate: 1,
+        burst: 2,
+        ..LimitsConfig::default()
+    };
+    let harness = Harness::start_with_fleet(user.clone(), FleetLimitsConfig::default()).await;
+    let (mut fleet, _) = harness.fleet_client("collector").await;
+    let (mut tenant, _) = harness.client("dash").await;
+    assert_eq!(
+        refused_of(&mut fleet, 20).await,
+        0,
+        "fleet key throttled by user limits"
+    );
+    // Five quick calls on a bucket of two; at most one token comes back meanwhile.
+    assert!(
+        refused_of(&mut tenant, 5).await >= 2,
+        "user limits still hold"
+    );
+
+    // The reverse: tight fleet limits bind fleet keys, and tenants keep their budget.
+    let fleet_limits = FleetLimitsConfig {
+        rate: 1,
+        burst: 2,
+        ..FleetLimitsConfig::default()
+    };
+    let harness = Harness::start_with_fleet(LimitsConfig::default(), fleet_limits).await;
+    let (mut fleet, _) = harness.fleet_client("collector").await;
+    let (mut tenant, _) = harness.client("dash").await;
+    let refused = refused_of(&mut fleet, 5).await;
+    assert!(refused >= 2, "{refused} of 5 fleet calls refused");
+    let status = check(&mut fleet)
+        .await
+        .expect_err("still over the fleet rate");
+    assert!(
+        status.message().starts_with("rate limit of 1 requests/s"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        refused_of(&mut tenant, 20).await,
+        0,
+        "fleet traffic ate a tenant's budget"
+    );
+    // Fleet refusals are counted without a tenant, never as acme's.
+    let text = harness.metrics();
+    assert_eq!(exceeded(&text, "rate"), 0, "{text}");
+    assert!(
+        text.contains(&format!(
+            "keel_limit_exceeded_total{{tenant=\"\",limit=\"rate\"}} {}",
+            refused + 1
+        )),
+        "{text}"
+    );
 }

@@ -222,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
     let key = keys
         .create_key(
             NewKey {
-                tenant: TENANT.to_owned(),
+                scope: keel_auth::Scope::tenant(TENANT)?,
                 role: Role::Operator,
                 name: "bench".to_owned(),
                 expires_at: None,

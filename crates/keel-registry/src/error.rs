@@ -17,6 +17,12 @@ pub enum RegistryError {
     /// The name is taken in the tenant.
     #[error("an instance named {0:?} already exists in this tenant; choose another name")]
     NameTaken(String),
+    /// A fleet caller asked to write what belongs to one tenant; the string completes
+    /// "may not …".
+    #[error(
+        "a fleet caller may not {0}: an instance belongs to one tenant; use a key of that tenant"
+    )]
+    FleetWrite(&'static str),
     /// Somebody changed the instance since the caller read it.
     #[error(
         "instance {id} was changed concurrently: stored version is {actual}, request expected {expected}; read it again and retry"
@@ -47,6 +53,7 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
             RegistryError::NotFound(_) => Status::not_found(err.to_string()),
             RegistryError::NameTaken(_) => Status::already_exists(err.to_string()),
+            RegistryError::FleetWrite(_) => Status::permission_denied(err.to_string()),
             RegistryError::VersionConflict { .. } => Status::aborted(err.to_string()),
             RegistryError::Database(sqlx::Error::PoolTimedOut) => {
                 tracing::warn!("state store connection pool exhausted");

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine as _;
-use keel_auth::{Principal, Role, principal};
+use keel_auth::{Principal, Role, Scope, Tenant, principal};
 use keel_proto::v1::registry_service_server::RegistryService;
 use keel_proto::v1::*;
 use prost::Message;
@@ -75,7 +75,8 @@ fn check_size<T: Message>(request: &Request<T>) -> Result<(), Status> {
     Ok(())
 }
 
-/// The caller, if its role allows `action`; its tenant scopes everything that follows.
+/// The caller, if its role allows `action`; its scope (its tenant, or the whole fleet)
+/// scopes everything that follows.
 fn authorize<'a, T>(
     request: &'a Request<T>,
     required: Role,
@@ -83,8 +84,41 @@ fn authorize<'a, T>(
 ) -> Result<&'a Principal, Status> {
     let principal = principal(request)?;
     principal.require(required, action)?;
-    tracing::Span::current().record("tenant", principal.tenant.as_str());
+    let tenant = match &principal.scope {
+        Scope::Tenant(tenant) => tenant.as_str(),
+        // Not a tenant name: those are DNS labels, which have no parentheses.
+        Scope::Fleet => "(fleet)",
+    };
+    tracing::Span::current().record("tenant", tenant);
     Ok(principal)
+}
+
+/// The tenant a list is filtered on: a fleet caller's choice (`None` for all), a tenant
+/// caller's own tenant, which is the only one it may name.
+fn tenant_filter(scope: &Scope, requested: &str) -> Result<Option<Tenant>, Status> {
+    let requested = if requested.is_empty() {
+        None
+    } else {
+        let tenant = Tenant::new(requested).map_err(|_| {
+            RegistryError::from(Invalid::new(
+                "tenant",
+                format!(
+                    "{requested:?} is not a valid name: use 1 to 63 lowercase letters, digits and '-', \
+                     starting and ending with a letter or digit, or leave it empty for every tenant you may see"
+                ),
+            ))
+        })?;
+        Some(tenant)
+    };
+    match (scope, requested) {
+        (Scope::Fleet, requested) => Ok(requested),
+        (Scope::Tenant(own), Some(requested)) if requested != *own => {
+            Err(Status::permission_denied(format!(
+                "a key of tenant {own} may list only tenant {own}'s instances, not tenant {requested}'s; leave tenant empty or set it to {own}"
+            )))
+        }
+        (Scope::Tenant(own), _) => Ok(Some(own.clone())),
+    }
 }
 
 fn parse_id(id: &str) -> Result<Uuid, Status> {
@@ -120,6 +154,8 @@ fn filters_digest(request: &ListInstancesRequest) -> [u8; 8] {
     hasher.update([0]);
     hasher.update(request.engine.to_le_bytes());
     hasher.update(request.environment.as_bytes());
+    hasher.update([0]);
+    hasher.update(request.tenant.as_bytes());
     let digest = hasher.finalize();
     let mut out = [0u8; 8];
     out.copy_from_slice(&digest[..8]);
@@ -145,7 +181,7 @@ fn parse_page_token(token: &str, filters: &[u8; 8]) -> Result<Option<Uuid>, Inva
     if raw[16..] != filters[..] {
         return Err(Invalid::new(
             "page_token",
-            "was issued for other filters; keep label_selector, engine and environment the same while paging",
+            "was issued for other filters; keep label_selector, engine, environment and tenant the same while paging",
         ));
     }
     let id = Uuid::from_slice(&raw[..16]).map_err(|_| invalid())?;
@@ -183,7 +219,7 @@ impl RegistryService for Registry {
             })
         })()
         .map_err(RegistryError::from)?;
-        let created = self.store.create(&principal.tenant, new).await?;
+        let created = self.store.create(&principal.scope, new).await?;
         tracing::Span::current().record("instance_id", created.id.as_str());
         tracing::info!(name = %created.name, "instance created");
         Ok(Response::new(CreateInstanceResponse {
@@ -203,11 +239,16 @@ impl RegistryService for Registry {
             (false, true) => {
                 let id = parse_id(&req.id)?;
                 tracing::Span::current().record("instance_id", tracing::field::display(id));
-                self.store.get(&principal.tenant, id).await?
+                self.store.get(&principal.scope, id).await?
             }
             (true, false) => {
                 validate::name(&req.name).map_err(RegistryError::from)?;
-                self.store.get_by_name(&principal.tenant, &req.name).await?
+                let Scope::Tenant(tenant) = &principal.scope else {
+                    return Err(Status::invalid_argument(
+                        "a fleet caller must send the id: names are unique only within a tenant",
+                    ));
+                };
+                self.store.get_by_name(tenant, &req.name).await?
             }
             _ => return Err(Status::invalid_argument("send exactly one of id or name")),
         };
@@ -225,6 +266,7 @@ impl RegistryService for Registry {
         let principal = authorize(&request, Role::Viewer, "list instances")?;
         let req = request.get_ref();
         let digest = filters_digest(req);
+        let tenant = tenant_filter(&principal.scope, &req.tenant)?;
         let filter = (|| -> Result<ListFilter, Invalid> {
             let limit = match req.page_size {
                 0 => DEFAULT_PAGE_SIZE,
@@ -240,6 +282,7 @@ impl RegistryService for Registry {
                 validate::environment(environment)?;
             }
             Ok(ListFilter {
+                tenant,
                 engine,
                 environment,
                 selector: selector::parse(&req.label_selector)?,
@@ -248,7 +291,7 @@ impl RegistryService for Registry {
             })
         })()
         .map_err(RegistryError::from)?;
-        let (instances, more) = self.store.list(&principal.tenant, &filter).await?;
+        let (instances, more) = self.store.list(&principal.scope, &filter).await?;
         let next_page_token = match instances.last() {
             Some(last) if more => {
                 page_token(Uuid::parse_str(&last.id).unwrap_or_default(), &digest)
@@ -309,7 +352,7 @@ impl RegistryService for Registry {
         let has = |field: &str| paths.iter().any(|p| p == field);
         // The engine decides which URL schemes are valid; it is read only when needed.
         let engine = if has("connection_url") {
-            let stored = self.store.get(&principal.tenant, id).await?;
+            let stored = self.store.get(&principal.scope, id).await?;
             Engine::try_from(stored.engine).unwrap_or(Engine::Unspecified)
         } else {
             Engine::Unspecified
@@ -342,13 +385,7 @@ impl RegistryService for Registry {
         changed.dedup();
         let updated = self
             .store
-            .update(
-                &principal.tenant,
-                id,
-                req.expected_version,
-                changes,
-                changed,
-            )
+            .update(&principal.scope, id, req.expected_version, changes, changed)
             .await?;
         tracing::info!(version = updated.version, "instance updated");
         Ok(Response::new(UpdateInstanceResponse {
@@ -374,7 +411,7 @@ impl RegistryService for Registry {
                 )));
             }
         };
-        self.store.delete(&principal.tenant, id, expected).await?;
+        self.store.delete(&principal.scope, id, expected).await?;
         tracing::info!("instance deleted");
         Ok(Response::new(DeleteInstanceResponse {}))
     }
@@ -387,13 +424,13 @@ impl RegistryService for Registry {
         let principal = authorize(&request, Role::Operator, "check instances")?;
         let id = parse_id(&request.get_ref().id)?;
         tracing::Span::current().record("instance_id", tracing::field::display(id));
-        let (clear, instance) = self.store.connection(&principal.tenant, id).await?;
+        let (clear, instance) = self.store.connection(&principal.scope, id).await?;
         let engine = Engine::try_from(instance.engine).unwrap_or(Engine::Unspecified);
         let url = connection::parse(engine, clear.expose_secret()).map_err(RegistryError::from)?;
         let report = probe::probe(engine, &url, self.config.check_timeout).await;
         let checked = self
             .store
-            .record_health(&principal.tenant, id, &report.health)
+            .record_health(&principal.scope, id, &report.health)
             .await?;
         tracing::info!(reachable = report.health.reachable, "instance checked");
         Ok(Response::new(CheckInstanceResponse {
@@ -410,7 +447,7 @@ impl RegistryService for Registry {
         let principal = authorize(&request, Role::Service, "read clear connection URLs")?;
         let id = parse_id(&request.get_ref().id)?;
         tracing::Span::current().record("instance_id", tracing::field::display(id));
-        let (clear, instance) = self.store.connection(&principal.tenant, id).await?;
+        let (clear, instance) = self.store.connection(&principal.scope, id).await?;
         Ok(Response::new(GetInstanceConnectionResponse {
             instance_id: instance.id,
             engine: instance.engine,

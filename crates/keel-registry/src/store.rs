@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use keel_auth::{Scope, Tenant};
 use keel_bus::{BusError, Outbox, SubjectRoot};
 use keel_proto::v1::{Engine, Instance, MonitoringEndpoint};
 use secrecy::SecretString;
@@ -43,6 +44,8 @@ pub(crate) struct Changes {
 /// Which instances a list returns.
 #[derive(Debug, Default)]
 pub(crate) struct ListFilter {
+    /// Only this tenant's; for a tenant caller, its own tenant (checked by the service).
+    pub(crate) tenant: Option<Tenant>,
     pub(crate) engine: Option<Engine>,
     pub(crate) environment: Option<String>,
     pub(crate) selector: Vec<Requirement>,
@@ -75,6 +78,17 @@ fn aad(tenant: &str, id: Uuid) -> Vec<u8> {
     format!("keel.registry.instance.v1|{tenant}|{id}").into_bytes()
 }
 
+/// The tenant a query of `scope` is restricted to; `None` (every tenant) for the fleet.
+fn scoped(scope: &Scope) -> Option<&str> {
+    scope.tenant_name().map(Tenant::as_str)
+}
+
+/// The tenant that owns what `scope` writes: an instance belongs to exactly one tenant,
+/// so a fleet caller cannot create or rewrite one (its role refuses it first).
+fn owner<'a>(scope: &'a Scope, action: &'static str) -> Result<&'a str, RegistryError> {
+    scoped(scope).ok_or(RegistryError::FleetWrite(action))
+}
+
 impl InstanceStore {
     pub(crate) fn new(pool: PgPool, keys: Keys, outbox: Outbox, subjects: SubjectRoot) -> Self {
         Self {
@@ -87,9 +101,10 @@ impl InstanceStore {
 
     pub(crate) async fn create(
         &self,
-        tenant: &str,
+        scope: &Scope,
         new: NewInstance,
     ) -> Result<Instance, RegistryError> {
+        let tenant = owner(scope, "create instances")?;
         let id = Uuid::now_v7();
         let sealed = self.keys.current().seal(
             secrecy::ExposeSecret::expose_secret(&new.url.clear),
@@ -124,27 +139,28 @@ impl InstanceStore {
         Ok(instance)
     }
 
-    pub(crate) async fn get(&self, tenant: &str, id: Uuid) -> Result<Instance, RegistryError> {
+    pub(crate) async fn get(&self, scope: &Scope, id: Uuid) -> Result<Instance, RegistryError> {
         let row: Option<InstanceRow> = sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM registry.instances WHERE id = $1 AND tenant = $2"
+            "SELECT {COLUMNS} FROM registry.instances WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
         ))
         .bind(id)
-        .bind(tenant)
+        .bind(scoped(scope))
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| Instance::from(&r))
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))
     }
 
+    /// Names are unique within a tenant only, so a fleet caller must say which tenant.
     pub(crate) async fn get_by_name(
         &self,
-        tenant: &str,
+        tenant: &Tenant,
         name: &str,
     ) -> Result<Instance, RegistryError> {
         let row: Option<InstanceRow> = sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM registry.instances WHERE tenant = $1 AND name = $2"
         ))
-        .bind(tenant)
+        .bind(tenant.as_str())
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
@@ -152,16 +168,25 @@ impl InstanceStore {
             .ok_or_else(|| RegistryError::NotFound(format!("named {name:?}")))
     }
 
-    /// One page in id order, and whether more follow.
+    /// One page in id order, and whether more follow: of the caller's tenant, or for a
+    /// fleet caller of every tenant unless the filter names one.
     pub(crate) async fn list(
         &self,
-        tenant: &str,
+        scope: &Scope,
         filter: &ListFilter,
     ) -> Result<(Vec<Instance>, bool), RegistryError> {
+        let tenant = match scope {
+            Scope::Tenant(own) => Some(own),
+            Scope::Fleet => filter.tenant.as_ref(),
+        };
         let mut query = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {COLUMNS} FROM registry.instances WHERE tenant = "
+            "SELECT {COLUMNS} FROM registry.instances WHERE true"
         ));
-        query.push_bind(tenant);
+        if let Some(tenant) = tenant {
+            query
+                .push(" AND tenant = ")
+                .push_bind(tenant.as_str().to_owned());
+        }
         if let Some(after) = filter.after {
             query.push(" AND id > ").push_bind(after);
         }
@@ -190,12 +215,14 @@ impl InstanceStore {
     /// no row lock is held while the caller thinks, so concurrent writers never wait on each other.
     pub(crate) async fn update(
         &self,
-        tenant: &str,
+        scope: &Scope,
         id: Uuid,
         expected_version: i64,
         changes: Changes,
         changed_fields: Vec<String>,
     ) -> Result<Instance, RegistryError> {
+        // The new ciphertext is bound to the tenant, which a fleet caller does not have.
+        let tenant = owner(scope, "update instances")?;
         let mut query = QueryBuilder::<Postgres>::new(
             "UPDATE registry.instances SET version = version + 1, updated_at = now()",
         );
@@ -238,7 +265,7 @@ impl InstanceStore {
             .map_err(|e| name_taken(e, changes.name.as_deref().unwrap_or_default()))?;
         let Some(row) = row else {
             drop(tx);
-            return Err(self.missing_or_conflict(tenant, id, expected_version).await);
+            return Err(self.missing_or_conflict(scope, id, expected_version).await);
         };
         let instance = Instance::from(&row);
         self.outbox
@@ -253,24 +280,25 @@ impl InstanceStore {
 
     pub(crate) async fn delete(
         &self,
-        tenant: &str,
+        scope: &Scope,
         id: Uuid,
         expected_version: Option<i64>,
     ) -> Result<(), RegistryError> {
         let mut tx = self.pool.begin().await?;
         let row: Option<InstanceRow> = sqlx::query_as(&format!(
-            "DELETE FROM registry.instances WHERE id = $1 AND tenant = $2 AND ($3::bigint IS NULL OR version = $3)
+            "DELETE FROM registry.instances WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+                 AND ($3::bigint IS NULL OR version = $3)
              RETURNING {COLUMNS}"
         ))
         .bind(id)
-        .bind(tenant)
+        .bind(scoped(scope))
         .bind(expected_version)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
             drop(tx);
             return Err(self
-                .missing_or_conflict(tenant, id, expected_version.unwrap_or(-1))
+                .missing_or_conflict(scope, id, expected_version.unwrap_or(-1))
                 .await);
         };
         self.outbox
@@ -283,12 +311,12 @@ impl InstanceStore {
         Ok(())
     }
 
-    async fn missing_or_conflict(&self, tenant: &str, id: Uuid, expected: i64) -> RegistryError {
+    async fn missing_or_conflict(&self, scope: &Scope, id: Uuid, expected: i64) -> RegistryError {
         let actual: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
-            "SELECT version FROM registry.instances WHERE id = $1 AND tenant = $2",
+            "SELECT version FROM registry.instances WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
         )
         .bind(id)
-        .bind(tenant)
+        .bind(scoped(scope))
         .fetch_optional(&self.pool)
         .await;
         match actual {
@@ -305,39 +333,41 @@ impl InstanceStore {
     /// The clear connection URL and the instance it belongs to.
     pub(crate) async fn connection(
         &self,
-        tenant: &str,
+        scope: &Scope,
         id: Uuid,
     ) -> Result<(SecretString, Instance), RegistryError> {
         let row: Option<(Vec<u8>, String, InstanceRow)> = sqlx::query_as::<_, InstanceWithSecret>(&format!(
-            "SELECT url_ciphertext, key_id, {COLUMNS} FROM registry.instances WHERE id = $1 AND tenant = $2"
+            "SELECT url_ciphertext, key_id, {COLUMNS} FROM registry.instances WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
         ))
         .bind(id)
-        .bind(tenant)
+        .bind(scoped(scope))
         .fetch_optional(&self.pool)
         .await?
         .map(|r| (r.url_ciphertext, r.key_id, r.row));
         let (bytes, key_id, row) = row.ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        // The row's own tenant, which a fleet caller's scope does not name; for a tenant
+        // caller it is the caller's, as the query matched it.
         let clear = self
             .keys
             .current()
-            .open(&Sealed { key_id, bytes }, &aad(tenant, id))?;
+            .open(&Sealed { key_id, bytes }, &aad(&row.tenant, id))?;
         Ok((clear, Instance::from(&row)))
     }
 
     /// Stores what a check found; health is observed state, so the version does not change.
     pub(crate) async fn record_health(
         &self,
-        tenant: &str,
+        scope: &Scope,
         id: Uuid,
         health: &Health,
     ) -> Result<Instance, RegistryError> {
         let row: Option<InstanceRow> = sqlx::query_as(&format!(
             "UPDATE registry.instances SET health_checked_at = now(), health_reachable = $3,
                  health_server_version = $4, health_role = $5, health_error = $6, health_latency_us = $7
-             WHERE id = $1 AND tenant = $2 RETURNING {COLUMNS}"
+             WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING {COLUMNS}"
         ))
         .bind(id)
-        .bind(tenant)
+        .bind(scoped(scope))
         .bind(health.reachable)
         .bind(&health.server_version)
         .bind(stored_role(health.role))

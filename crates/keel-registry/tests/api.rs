@@ -194,6 +194,7 @@ async fn lists_page_and_filter_by_labels_engine_and_environment() {
                     label_selector: selector.into(),
                     engine: engine as i32,
                     environment: environment.into(),
+                    tenant: String::new(),
                 })
                 .await?
                 .into_inner();

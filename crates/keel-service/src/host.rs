@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use keel_auth::{AuthLayer, KeyStore};
 use keel_bus::{Bus, Relay, RelayConfig, StreamSettings};
 use keel_config::{DatabaseConfig, ListenConfig, NatsConfig};
-use keel_limits::{LimitsConfig, LimitsLayer};
+use keel_limits::{FleetLimitsConfig, LimitsConfig, LimitsLayer};
 use keel_server::Server;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -34,6 +34,9 @@ pub struct HostConfig {
     /// Per-key limits, shared by every service of the process: a key's budget covers all the
     /// services it calls.
     pub limits: LimitsConfig,
+    /// Limits of Keel's own services (fleet keys and in-process calls), in budgets of their own
+    /// so that user limits never throttle them and they never eat a tenant's budget.
+    pub fleet_limits: FleetLimitsConfig,
     /// How long a verified API key is trusted before it is looked up again.
     pub auth_cache_ttl: Duration,
     /// See [`KeyStore::require_client_cert_for_service_keys`].
@@ -53,6 +56,7 @@ impl HostConfig {
             nats,
             listen,
             limits: LimitsConfig::default(),
+            fleet_limits: FleetLimitsConfig::default(),
             auth_cache_ttl: keel_auth::DEFAULT_CACHE_TTL,
             service_keys_require_client_cert: false,
             relay: Some(RelayConfig::default()),
@@ -137,7 +141,9 @@ impl Host {
         let pool = keel_store::connect(&config.database).await?;
         KeyStore::migrate(&pool).await?;
         let keys = KeyStore::new(pool.clone(), config.auth_cache_ttl)
-            .require_client_cert_for_service_keys(config.service_keys_require_client_cert);
+            .require_client_cert_for_service_keys(config.service_keys_require_client_cert)
+            // Under mutual TLS a fleet key works only with its own client certificate.
+            .mutual_tls(config.listen.tls_client_ca_file.is_some());
         let bus = Bus::connect(&config.nats, &config.stream).await?;
         Self::new(pool, bus, keys, config)
     }
@@ -151,7 +157,8 @@ impl Host {
         config: &HostConfig,
     ) -> Result<Self, HostError> {
         let server = Server::new(&config.listen);
-        let limits = LimitsLayer::new(&config.limits, server.metrics())?;
+        let limits =
+            LimitsLayer::with_fleet(&config.limits, &config.fleet_limits, server.metrics())?;
         let mut host = Self {
             auth: AuthLayer::new(keys.clone()),
             pool,
@@ -219,6 +226,14 @@ impl Host {
     /// The names of the services added so far, in order.
     pub fn services(&self) -> &[&'static str] {
         &self.services
+    }
+
+    /// A client channel to every gRPC service added so far, called in-process with Keel's
+    /// internal fleet identity (see [`keel_auth::InProcess`]): through the same auth and limits
+    /// stack as network callers, but with an identity no listener can accept. Create it after
+    /// the services it should reach were added.
+    pub fn in_process(&self) -> keel_auth::InProcess {
+        keel_auth::InProcess::new(self.routes.clone().routes())
     }
 
     /// Migrates `service`'s schema and mounts its parts; its outbox gets a relay while serving.

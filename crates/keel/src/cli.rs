@@ -65,6 +65,8 @@ pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) limits: keel_limits::LimitsConfig,
     #[command(flatten)]
+    pub(crate) fleet_limits: keel_limits::FleetLimitsConfig,
+    #[command(flatten)]
     pub(crate) encryption: EncryptionArgs,
     /// File holding an admin API key to register at start (e.g. a mounted Kubernetes Secret),
     /// so a new deployment can be used without `keel admin create-key`.
@@ -292,14 +294,21 @@ pub(crate) enum EventsCommand {
 #[derive(Debug, Subcommand)]
 pub(crate) enum AdminCommand {
     /// Create an API key and print it once.
+    #[command(group(clap::ArgGroup::new("scope").required(true).args(["tenant", "fleet"])))]
     CreateKey {
         /// Tenant the key acts for.
-        #[arg(long, default_value = "default")]
-        tenant: String,
-        /// Role: viewer, operator, admin or service.
         #[arg(long)]
-        role: keel_auth::Role,
-        /// Label of the key, unique among the tenant's keys.
+        tenant: Option<String>,
+        /// A fleet key for one of Keel's own services (e.g. a collector), reaching every
+        /// tenant; its role is always service, and under mutual TLS it works only with a
+        /// client certificate naming it (--name).
+        #[arg(long)]
+        fleet: bool,
+        /// Role: viewer, operator, admin or service (a fleet key is service, and needs none).
+        #[arg(long, required_unless_present = "fleet")]
+        role: Option<keel_auth::Role>,
+        /// Label of the key, unique among the tenant's (or the fleet's) active keys; a fleet
+        /// key's client certificate must carry this name.
         #[arg(long)]
         name: String,
         /// Lifetime, e.g. 90d is written 2160h; never expires when unset.
@@ -311,11 +320,14 @@ pub(crate) enum AdminCommand {
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// List API keys (never the keys themselves).
+    /// List API keys (never the keys themselves), with the scope each reaches.
     ListKeys {
-        /// Only this tenant.
-        #[arg(long)]
+        /// Only this tenant's keys.
+        #[arg(long, conflicts_with = "fleet")]
         tenant: Option<String>,
+        /// Only fleet keys.
+        #[arg(long)]
+        fleet: bool,
         #[command(flatten)]
         database: DatabaseConfig,
         /// Output format.
@@ -329,7 +341,8 @@ pub(crate) enum AdminCommand {
         #[command(flatten)]
         database: DatabaseConfig,
     },
-    /// Give an API key another role; every server applies it from its next call.
+    /// Give an API key another role; every server applies it from its next call. A fleet
+    /// key keeps the service role.
     SetRole {
         /// Key id, as listed by list-keys.
         id: uuid::Uuid,

@@ -13,6 +13,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keel_telemetry::init(&args.telemetry).context("cannot set up logging and tracing")?;
     // Everything that can be checked without a network is checked before connecting.
     args.limits.validate()?;
+    args.fleet_limits.validate()?;
+    args.fleet_limits.validate()?;
     keel_auth::validate_tenant(&args.bootstrap_tenant)
         .context("--bootstrap-tenant / KEEL_BOOTSTRAP_TENANT")?;
     if args.service_keys_require_client_cert && args.listen.tls_client_ca_file.is_none() {
@@ -34,6 +36,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let config = HostConfig {
         limits: args.limits.clone(),
+        fleet_limits: args.fleet_limits.clone(),
         auth_cache_ttl: args.auth_cache_ttl,
         service_keys_require_client_cert: args.service_keys_require_client_cert,
         ..HostConfig::new(

@@ -74,6 +74,8 @@ pub struct Served {
     pub bus: Bus,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The host's in-process channel to the registry (`Host::in_process`).
+    pub in_process: keel_auth::InProcess,
     stop: CancellationToken,
 }
 
@@ -127,6 +129,7 @@ pub async fn serve_registry(
         bus: host.bus().clone(),
         grpc,
         http,
+        in_process: host.in_process(),
         stop: stop.clone(),
     };
     tokio::spawn(async move {
@@ -194,6 +197,11 @@ impl TestApp {
         }
     }
 
+    /// The host's in-process channel, as another service of the same process would use it.
+    pub fn in_process(&self) -> keel_auth::InProcess {
+        self.served.in_process.clone()
+    }
+
     /// Another registry replica on the same state store and NATS, with its own key ring.
     pub async fn replica(&self, ring: Arc<KeyRing>) -> Served {
         serve_registry(&self.database_url, &self.nats, ring, true).await
@@ -213,7 +221,7 @@ impl TestApp {
             .keys
             .create_key(
                 NewKey {
-                    tenant: tenant.to_owned(),
+                    scope: keel_auth::Scope::tenant(tenant).expect("valid tenant"),
                     role,
                     name: format!("{role}-key"),
                     expires_at: None,
@@ -228,6 +236,17 @@ impl TestApp {
             .expect("lock")
             .insert((tenant.to_owned(), role), key.clone());
         key
+    }
+
+    /// A client with a new fleet key named `name` (role service, every tenant).
+    pub async fn fleet_client(&self, name: &str) -> Client {
+        let created = self
+            .keys
+            .create_key(NewKey::fleet(name), &keel_auth::Actor::system("test"))
+            .await
+            .expect("create fleet key");
+        self.client_with(Some(created.key.expose_secret().to_owned()), None)
+            .await
     }
 
     pub async fn client(&self, tenant: &str, role: Role) -> Client {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keel_auth::{Actor, KeyInfo, KeyStore};
+use keel_auth::{Actor, KeyInfo, KeyStore, Role, Scope};
 use keel_config::DatabaseConfig;
 use keel_registry::crypto::KeyRing;
 use secrecy::{ExposeSecret, SecretString};
@@ -25,12 +25,14 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::CreateKey {
             tenant,
+            fleet,
             role,
             name,
             expires_in,
             database,
             output,
         } => {
+            let (scope, role) = scope_and_role(tenant, fleet, role)?;
             let store = key_store(&database).await?;
             let expires_at = expires_in
                 .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() + d))
@@ -39,7 +41,7 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             let created = store
                 .create_key(
                     keel_auth::NewKey {
-                        tenant,
+                        scope,
                         role,
                         name,
                         expires_at,
@@ -52,26 +54,33 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
                     "{}",
                     serde_json::json!({
                         "id": created.id, "key": created.key.expose_secret(), "prefix": created.prefix,
-                        "tenant": created.tenant, "role": created.role.as_str(), "name": created.name,
+                        "scope": scope_kind(&created.scope), "tenant": tenant_of(&created.scope),
+                        "role": created.role.as_str(), "name": created.name,
                         "expires_at": expires_at.map(|t| t.to_rfc3339()),
                     })
                 ),
                 Output::Table => {
                     println!("{}", created.key.expose_secret());
                     eprintln!(
-                        "created {} key {:?} for tenant {} (id {}). This is the only time the key is shown; store it now.",
-                        created.role, created.name, created.tenant, created.id
+                        "created {} key {:?} for {} (id {}). This is the only time the key is shown; store it now.",
+                        created.role, created.name, created.scope, created.id
                     );
                 }
             }
         }
         AdminCommand::ListKeys {
             tenant,
+            fleet,
             database,
             output,
         } => {
+            let scope = match (tenant, fleet) {
+                (Some(tenant), _) => Some(Scope::tenant(tenant)?),
+                (None, true) => Some(Scope::Fleet),
+                (None, false) => None,
+            };
             let store = key_store(&database).await?;
-            let keys = store.list(tenant.as_deref()).await?;
+            let keys = store.list(scope.as_ref()).await?;
             let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
                 t.map(|t| t.to_rfc3339()).unwrap_or_default()
             };
@@ -82,12 +91,12 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
                 }
                 Output::Table => {
                     let mut table = output::table(&[
-                        "ID", "TENANT", "ROLE", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED",
+                        "ID", "SCOPE", "ROLE", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED",
                     ]);
                     for k in &keys {
                         table.add_row(vec![
                             k.id.to_string(),
-                            k.tenant.clone(),
+                            k.scope.to_string(),
                             k.role.to_string(),
                             k.name.clone(),
                             k.prefix.clone(),
@@ -116,8 +125,8 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", key_json(&key)),
                 Output::Table => println!(
-                    "key {id} ({:?} of tenant {}) now has role {role}; servers apply it within their auth cache TTL",
-                    key.name, key.tenant
+                    "key {id} ({:?} of {}) now has role {role}; servers apply it within their auth cache TTL",
+                    key.name, key.scope
                 ),
             }
         }
@@ -215,9 +224,40 @@ async fn key_store(database: &DatabaseConfig) -> anyhow::Result<KeyStore> {
     Ok(KeyStore::new(pool, Duration::ZERO))
 }
 
+/// The scope and role of a new key from `create-key`'s flags, which clap already made
+/// exclusive (`--tenant` or `--fleet`, one required; `--role` unless `--fleet`).
+fn scope_and_role(
+    tenant: Option<String>,
+    fleet: bool,
+    role: Option<Role>,
+) -> anyhow::Result<(Scope, Role)> {
+    match (tenant, fleet, role) {
+        (None, true, None | Some(Role::Service)) => Ok((Scope::Fleet, Role::Service)),
+        (None, true, Some(role)) => Err(keel_auth::AuthError::FleetRoleNotService(role))
+            .context("--fleet with --role: leave --role out, a fleet key is always service"),
+        (Some(tenant), false, Some(role)) => Ok((Scope::tenant(tenant)?, role)),
+        (Some(_), false, None) => anyhow::bail!("--role is required for a tenant's key"),
+        _ => anyhow::bail!("set exactly one of --tenant and --fleet"),
+    }
+}
+
+/// `"tenant"` or `"fleet"`, for JSON output.
+fn scope_kind(scope: &Scope) -> &'static str {
+    match scope {
+        Scope::Tenant(_) => "tenant",
+        Scope::Fleet => "fleet",
+    }
+}
+
+/// The key's tenant, `null` for a fleet key.
+fn tenant_of(scope: &Scope) -> Option<&str> {
+    scope.tenant_name().map(keel_auth::Tenant::as_str)
+}
+
 fn key_json(k: &KeyInfo) -> serde_json::Value {
     serde_json::json!({
-        "id": k.id, "tenant": k.tenant, "role": k.role.as_str(), "name": k.name,
+        "id": k.id, "scope": scope_kind(&k.scope), "tenant": tenant_of(&k.scope),
+        "role": k.role.as_str(), "name": k.name,
         "prefix": k.prefix, "created_at": k.created_at.to_rfc3339(),
         "expires_at": k.expires_at.map(|t| t.to_rfc3339()),
         "revoked_at": k.revoked_at.map(|t| t.to_rfc3339()),
@@ -254,7 +294,7 @@ pub(crate) fn key_ring(args: &EncryptionArgs) -> anyhow::Result<KeyRing> {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
-    use keel_auth::{AuthError, NewKey, Role};
+    use keel_auth::{AuthError, NewKey};
 
     use super::*;
     use crate::cli::{Cli, Command};
@@ -274,7 +314,7 @@ mod tests {
 
     async fn create(store: &KeyStore, role: Role) -> (uuid::Uuid, SecretString) {
         let new = NewKey {
-            tenant: "acme".into(),
+            scope: Scope::tenant("acme").expect("valid tenant"),
             role,
             name: "ci".into(),
             expires_at: None,
@@ -337,6 +377,101 @@ mod tests {
         })
         .await
         .expect("audit");
+    }
+
+    fn create_key(args: &[&str]) -> Result<AdminCommand, clap::Error> {
+        let mut argv = vec!["keel", "admin", "create-key", "--name", "collector"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Admin(command) => command,
+            other => panic!("not an admin command: {other:?}"),
+        })
+    }
+
+    #[test]
+    fn create_key_takes_exactly_one_of_tenant_and_fleet() {
+        let err = create_key(&["--role", "viewer"]).expect_err("no scope");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = create_key(&["--tenant", "acme", "--fleet"]).expect_err("both scopes");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let err = create_key(&["--tenant", "acme"]).expect_err("tenant key without role");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(
+            create_key(&["--fleet"]).is_ok(),
+            "a fleet key needs no role"
+        );
+
+        assert_eq!(
+            scope_and_role(None, true, None).expect("fleet"),
+            (Scope::Fleet, Role::Service)
+        );
+        assert_eq!(
+            scope_and_role(None, true, Some(Role::Service)).expect("fleet service"),
+            (Scope::Fleet, Role::Service)
+        );
+        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+            let err = scope_and_role(None, true, Some(role)).expect_err("fleet with a user role");
+            assert!(
+                format!("{err:#}").contains("fleet keys have the service role only"),
+                "{err:#}"
+            );
+        }
+        let err = scope_and_role(Some("Acme".into()), false, Some(Role::Viewer))
+            .expect_err("invalid tenant");
+        assert!(
+            err.to_string().starts_with("invalid tenant \"Acme\""),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn create_key_fleet_makes_a_service_key_listed_with_its_scope() {
+        let (store, database) = setup().await;
+        let AdminCommand::CreateKey {
+            name, expires_in, ..
+        } = create_key(&["--fleet"]).expect("parse")
+        else {
+            unreachable!("create-key parses to CreateKey");
+        };
+        run(AdminCommand::CreateKey {
+            tenant: None,
+            fleet: true,
+            role: None,
+            name,
+            expires_in,
+            database: database.clone(),
+            output: Output::Json,
+        })
+        .await
+        .expect("create-key --fleet");
+        let keys = store.list(Some(&Scope::Fleet)).await.expect("list");
+        assert_eq!(keys.len(), 1);
+        assert_eq!(
+            (keys[0].role, keys[0].name.as_str()),
+            (Role::Service, "collector")
+        );
+        assert_eq!(key_json(&keys[0])["scope"], "fleet");
+        assert_eq!(key_json(&keys[0])["tenant"], serde_json::Value::Null);
+        let entry = &store.audit_log(1).await.expect("audit log")[0];
+        assert_eq!(
+            entry.tenant, None,
+            "a fleet key's audit entry has no tenant"
+        );
+
+        // set-role cannot take a fleet key out of the service role.
+        let err = run(AdminCommand::SetRole {
+            id: keys[0].id,
+            role: Role::Admin,
+            database,
+            output: Output::Json,
+        })
+        .await
+        .expect_err("fleet key made admin");
+        assert!(
+            err.to_string()
+                .contains("fleet keys have the service role only"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub(crate) async fn run(command: InstanceCommand) -> anyhow::Result<()> {
                         label_selector: selector.clone(),
                         engine: engine.map_or(0, |e| engine_of(e) as i32),
                         environment: environment.clone().unwrap_or_default(),
+                        // A tenant's key sees its own tenant only.
+                        tenant: String::new(),
                     })
                     .await?
                     .into_inner();
