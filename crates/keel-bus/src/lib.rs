@@ -55,6 +55,9 @@ pub enum BusError {
     /// The schema name is not usable.
     #[error(transparent)]
     Store(#[from] keel_store::StoreError),
+    /// An outbox message or a setting cannot be used as given; the message says what to fix.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl BusError {

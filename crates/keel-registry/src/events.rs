@@ -61,6 +61,8 @@ fn envelope(subject: &str, instance: &Instance, payload: event::Payload) -> Outb
     };
     OutboxMessage {
         id,
+        // Events of one instance reach subscribers in the order of its versions.
+        key: instance.id.clone(),
         subject: subject.to_owned(),
         payload: event.encode_to_vec(),
         headers: keel_telemetry::current_traceparent().into_iter().collect(),
