@@ -118,6 +118,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         bus.jetstream().clone(),
         RelayConfig::default(),
     );
+    server
+        .metrics()
+        .with_registry(|registry| relay.register_metrics(registry));
     let relay_stop = CancellationToken::new();
     let relay_task = tokio::spawn(relay.clone().run(relay_stop.clone()));
     // Keys revoked or re-roled on any replica leave this one's auth cache at once.
