@@ -3,7 +3,9 @@
 //! Replicas that use the same durable name share one consumer, so JetStream hands
 //! each message to one of them. The handler runs in a transaction that first
 //! records the event id in the service's `inbox`; a redelivered event finds its id
-//! there and is acknowledged without running the handler again.
+//! there and is acknowledged without running the handler again. [`run`] prunes the inbox
+//! periodically, once an entry is older than [`ConsumerConfig::inbox_retention`], a window that
+//! covers every redelivery JetStream may still make.
 
 use std::future::Future;
 use std::time::Duration;
@@ -68,6 +70,13 @@ pub struct ConsumerConfig {
     pub retry_delay: Duration,
     /// Most deliveries of one event before JetStream gives up on it.
     pub max_deliver: i64,
+    /// How long an event id stays in the inbox. Within it a second delivery of the event has
+    /// no effect; [`run`] refuses a retention shorter than the stream's duplicate window or
+    /// than the span over which JetStream may redeliver (`max_deliver` × (`ack_wait` +
+    /// `retry_delay`)), since an id pruned before its last delivery would be handled again.
+    pub inbox_retention: Duration,
+    /// How often [`run`] deletes inbox entries older than `inbox_retention`.
+    pub prune_interval: Duration,
 }
 
 impl ConsumerConfig {
@@ -79,6 +88,9 @@ impl ConsumerConfig {
             ack_wait: Duration::from_secs(30),
             retry_delay: Duration::from_secs(5),
             max_deliver: 20,
+            // Above the default redelivery span (20 × 35 s) and stream duplicate window (10 min).
+            inbox_retention: Duration::from_secs(3600),
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -100,6 +112,7 @@ pub async fn run<H: EventHandler>(
         .get_stream(bus.stream_name())
         .await
         .map_err(|e| BusError::jetstream("get stream", e))?;
+    check_retention(config, stream.cached_info().config.duplicate_window)?;
     // One subject goes in `filter_subject`: servers before 2.10 ignore `filter_subjects`
     // (and would deliver every subject of the stream).
     let (filter_subject, filter_subjects) = match config.filter_subjects.as_slice() {
@@ -138,9 +151,19 @@ pub async fn run<H: EventHandler>(
         .messages()
         .await
         .map_err(|e| BusError::jetstream("pull messages", e))?;
+    let mut prune = tokio::time::interval(config.prune_interval);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = prune.tick() => {
+                match prune_inbox(pool, outbox, &config.durable_name, config.inbox_retention).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::debug!(pruned, consumer = %config.durable_name, "pruned the inbox"),
+                    Err(error) => tracing::warn!(%error, consumer = %config.durable_name, "pruning the inbox failed; trying again later"),
+                }
+                continue;
+            }
             next = messages.next() => match next {
                 None => return Ok(()),
                 Some(Ok(message)) => message,
@@ -159,6 +182,62 @@ pub async fn run<H: EventHandler>(
             tracing::warn!(%error, subject = %message.subject, "acknowledging an event failed; it will be redelivered");
         }
     }
+}
+
+/// Refuses an inbox retention that would forget an event id while it can still be delivered.
+fn check_retention(config: &ConsumerConfig, duplicate_window: Duration) -> Result<(), BusError> {
+    let redelivery = (config.ack_wait + config.retry_delay)
+        .saturating_mul(u32::try_from(config.max_deliver.max(1)).unwrap_or(u32::MAX));
+    let needed = redelivery.max(duplicate_window);
+    if config.inbox_retention < needed {
+        return Err(BusError::Invalid(format!(
+            "consumer {}: inbox retention {:?} is shorter than {needed:?} (the stream's duplicate window {duplicate_window:?}, or max_deliver × (ack_wait + retry_delay) = {redelivery:?}); raise inbox_retention",
+            config.durable_name, config.inbox_retention
+        )));
+    }
+    if config.prune_interval.is_zero() {
+        return Err(BusError::Invalid(format!(
+            "consumer {}: prune interval must be longer than zero",
+            config.durable_name
+        )));
+    }
+    Ok(())
+}
+
+/// Most inbox rows one prune deletes per statement, and statements per prune: a large
+/// backlog is worked off over several prunes instead of holding up event handling.
+const PRUNE_BATCH: i64 = 1000;
+const PRUNE_BATCHES: usize = 20;
+
+/// Deletes the inbox entries of `consumer` older than `retention` (by the database's clock),
+/// at most [`PRUNE_BATCH`] × [`PRUNE_BATCHES`] of them; returns how many.
+pub async fn prune_inbox(
+    pool: &PgPool,
+    outbox: &Outbox,
+    consumer: &str,
+    retention: Duration,
+) -> Result<u64, BusError> {
+    let s = outbox.schema();
+    let mut pruned = 0;
+    for _ in 0..PRUNE_BATCHES {
+        let deleted = sqlx::query(&format!(
+            "DELETE FROM {s}.inbox WHERE consumer = $1 AND event_id IN (
+                 SELECT event_id FROM {s}.inbox
+                 WHERE consumer = $1 AND processed_at < now() - make_interval(secs => $2)
+                 LIMIT $3)"
+        ))
+        .bind(consumer)
+        .bind(retention.as_secs_f64())
+        .bind(PRUNE_BATCH)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        pruned += deleted;
+        if deleted < PRUNE_BATCH as u64 {
+            break;
+        }
+    }
+    Ok(pruned)
 }
 
 /// The subjects a consumer's configuration filters on, sorted.

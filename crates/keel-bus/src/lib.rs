@@ -71,6 +71,9 @@ pub enum BusError {
         /// What this deployment publishes on.
         expected: String,
     },
+    /// An outbox message or a setting cannot be used as given; the message says what to fix.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl BusError {

@@ -1,21 +1,45 @@
-//! Publishes outbox rows to JetStream.
+//! Publishes outbox rows to JetStream, in order per key.
 //!
-//! A relay claims a batch with `FOR UPDATE SKIP LOCKED`, leases it by moving
-//! `claimed_until` forward, publishes every row with `Nats-Msg-Id` = its id, and
-//! deletes the rows JetStream acknowledged. A relay that dies anywhere in between
-//! leaves its rows to be claimed again once the lease runs out; a row that was
-//! published but not deleted is republished with the same id and dropped by the
-//! stream's de-duplication, so subscribers see each event once.
+//! A relay claims a batch by deleting it, `DELETE … RETURNING` inside a transaction that it
+//! holds while it publishes: the row locks keep other relays off (`SKIP LOCKED`), and a relay
+//! that dies rolls the deletion back, so the rows are free again at once. The happy path costs
+//! one insert (the enqueue) and one delete per event.
+//!
+//! Order: a batch takes, per key, only rows from the oldest one of that key onwards (by the
+//! sequence PostgreSQL assigned on insert), and publishes each key's rows one after the other,
+//! the next only once JetStream acknowledged the previous one; different keys are published
+//! concurrently. A row of a key another relay is publishing is skipped together with its
+//! successors, so no event ever overtakes an earlier one of its key.
+//!
+//! Failure: when JetStream refuses an event, it and the later rows of its key in the batch are
+//! put back (the first with `attempts + 1`, a `last_error` and a `retry_at` backoff) in the
+//! same transaction, which still commits the deletion of everything that was acknowledged:
+//! other keys go on, that key waits. After [`RelayConfig::max_attempts`] refusals the event
+//! moves to `<schema>.outbox_dead_letter`, counted by `keel_outbox_dead_letters_total{schema}`
+//! and logged at WARN; the later events of its key then go on without it
+//! ([`crate::Outbox::redrive`] puts it back). An error that says nothing about the event (NATS
+//! unreachable, an ack that timed out) puts the rows back without counting an attempt, and the
+//! relay backs off.
+//!
+//! A row published whose deletion did not commit (the relay died in between) is published again
+//! with the same `Nats-Msg-Id` and dropped by the stream's de-duplication, so subscribers see
+//! each event once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream;
-use sqlx::PgPool;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -28,12 +52,19 @@ use crate::{BusError, MSG_ID_HEADER, Outbox};
 pub struct RelayConfig {
     /// Most rows claimed at once.
     pub batch_size: i64,
-    /// How long a claim keeps other relays away from the rows; a relay that died
-    /// holding a claim delays those events by at most this much.
+    /// Longest a relay may keep its claim transaction idle (while it waits for JetStream):
+    /// PostgreSQL ends a stuck relay's session after this, which puts its rows back.
     pub lease: Duration,
     /// How often to look for rows when no notification arrives (a notification can
     /// be missed while the listener reconnects).
     pub poll_interval: Duration,
+    /// Refusals by JetStream after which an event moves to the dead-letter table (at least 1).
+    pub max_attempts: i32,
+    /// Wait before an event is offered again after its first refusal; doubled after each
+    /// further one, up to [`RelayConfig::retry_backoff_max`].
+    pub retry_backoff: Duration,
+    /// Longest wait between two attempts of one event.
+    pub retry_backoff_max: Duration,
 }
 
 impl Default for RelayConfig {
@@ -42,8 +73,26 @@ impl Default for RelayConfig {
             batch_size: 256,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(2),
+            // 0.5 + 1 + 2 + … + 60 s: a stream that refuses everything (deleted by mistake)
+            // has about four minutes to come back before events go to the dead-letter table.
+            max_attempts: 10,
+            retry_backoff: Duration::from_millis(500),
+            retry_backoff_max: Duration::from_secs(60),
         }
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SchemaLabels {
+    schema: String,
+}
+
+/// The relay's counters, by outbox schema (a handful per process).
+#[derive(Debug, Clone, Default)]
+struct RelayMetrics {
+    published: Family<SchemaLabels, Counter>,
+    refused: Family<SchemaLabels, Counter>,
+    dead_letters: Family<SchemaLabels, Counter>,
 }
 
 /// Publishes one service's outbox.
@@ -53,13 +102,38 @@ pub struct Relay {
     outbox: Outbox,
     jetstream: jetstream::Context,
     config: RelayConfig,
+    metrics: RelayMetrics,
 }
 
-struct ClaimedRow {
+/// A claimed (deleted, not yet committed) outbox row.
+#[derive(sqlx::FromRow)]
+struct Row {
+    seq: i64,
     id: Uuid,
+    key: String,
     subject: String,
     payload: Vec<u8>,
     headers: sqlx::types::Json<BTreeMap<String, String>>,
+    created_at: DateTime<Utc>,
+    attempts: i32,
+    last_error: Option<String>,
+}
+
+/// Why a row was not published.
+struct Failure {
+    /// JetStream answered and refused this event; otherwise the bus did not answer at all.
+    refused: bool,
+    message: String,
+}
+
+/// What one batch did.
+#[derive(Debug, Default)]
+struct BatchOutcome {
+    claimed: usize,
+    published: usize,
+    dead_lettered: usize,
+    /// An error that was not about any one event: the bus is likely down.
+    unavailable: Option<String>,
 }
 
 impl Relay {
@@ -75,12 +149,46 @@ impl Relay {
             outbox,
             jetstream,
             config,
+            metrics: RelayMetrics::default(),
+        }
+    }
+
+    /// Registers `keel_outbox_published_total`, `keel_outbox_refused_total` and
+    /// `keel_outbox_dead_letters_total`, labelled by schema, in `registry`. Clones of this relay
+    /// count into the same series; register once per process.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "keel_outbox_published",
+            "Outbox events acknowledged by JetStream, by outbox schema",
+            self.metrics.published.clone(),
+        );
+        registry.register(
+            "keel_outbox_refused",
+            "Publishes of outbox events that JetStream refused (retried later), by outbox schema",
+            self.metrics.refused.clone(),
+        );
+        registry.register(
+            "keel_outbox_dead_letters",
+            "Outbox events moved to the dead-letter table after too many refusals, by outbox schema",
+            self.metrics.dead_letters.clone(),
+        );
+    }
+
+    fn labels(&self) -> SchemaLabels {
+        SchemaLabels {
+            schema: self.outbox.schema().to_owned(),
         }
     }
 
     /// Publishes until `shutdown` is cancelled, waking on each committed outbox row.
+    ///
+    /// When listening for notifications fails the relay polls, and tries to listen again with
+    /// backoff; after each (re)connection of the listener it looks for rows, since
+    /// notifications sent meanwhile were lost.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut listener = self.listen().await;
+        let mut listen_backoff = LISTEN_RETRY_MIN;
+        let mut listen_retry_at = Instant::now() + listen_backoff;
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.publish_pending().await {
@@ -98,9 +206,21 @@ impl Relay {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
-                notified = wait_for_notification(&mut listener) => {
-                    if !notified {
-                        listener = self.listen().await;
+                woke = next_notification(&mut listener) => {
+                    if let Wake::Lost(error) = woke {
+                        tracing::warn!(%error, schema = self.outbox.schema(), "outbox relay lost its listener; polling until it listens again");
+                        listener = None;
+                        listen_backoff = LISTEN_RETRY_MIN;
+                        listen_retry_at = Instant::now() + listen_backoff;
+                    }
+                }
+                _ = tokio::time::sleep_until(listen_retry_at), if listener.is_none() => {
+                    listener = self.listen().await;
+                    if listener.is_none() {
+                        listen_backoff = (listen_backoff * 2).min(LISTEN_RETRY_MAX);
+                        listen_retry_at = Instant::now() + listen_backoff;
+                    } else {
+                        tracing::info!(schema = self.outbox.schema(), "outbox relay listens for notifications again");
                     }
                 }
             }
@@ -108,121 +228,297 @@ impl Relay {
     }
 
     async fn listen(&self) -> Option<PgListener> {
-        let mut listener = match PgListener::connect_with(&self.pool).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::warn!(%error, "outbox relay cannot listen for notifications; polling only");
-                return None;
-            }
+        let listener = async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
         };
-        match listener.listen(NOTIFY_CHANNEL).await {
-            Ok(()) => Some(listener),
+        match listener.await {
+            Ok(listener) => Some(listener),
             Err(error) => {
-                tracing::warn!(%error, "outbox relay cannot listen for notifications; polling only");
+                tracing::warn!(%error, schema = self.outbox.schema(), "outbox relay cannot listen for notifications; polling, and trying again");
                 None
             }
         }
     }
 
-    /// Publishes every row that is not claimed by another relay, batch after batch,
+    /// Publishes every row that is due and not held back by another relay, batch after batch,
     /// and returns how many were published.
+    ///
+    /// Fails when the bus or the database did not answer; rows JetStream refused wait for
+    /// their retry and do not make it fail.
     pub async fn publish_pending(&self) -> Result<usize, BusError> {
         let mut published = 0;
         loop {
-            let rows = self.claim().await?;
-            if rows.is_empty() {
-                return Ok(published);
+            let outcome = self.publish_batch().await?;
+            published += outcome.published;
+            if let Some(error) = outcome.unavailable {
+                return Err(BusError::JetStream {
+                    operation: "publish",
+                    source: error.into(),
+                });
             }
-            let batch = rows.len();
-            published += self.publish(rows).await?;
-            if batch < self.config.batch_size as usize {
+            // A dead letter frees the rows behind it at once: take them in the next batch.
+            if outcome.claimed < self.config.batch_size as usize && outcome.dead_lettered == 0 {
                 return Ok(published);
             }
         }
     }
 
-    async fn claim(&self) -> Result<Vec<ClaimedRow>, BusError> {
+    async fn publish_batch(&self) -> Result<BatchOutcome, BusError> {
         let s = self.outbox.schema();
-        let mut rows: Vec<ClaimedRow> = sqlx::query_as::<_, (Uuid, String, Vec<u8>, sqlx::types::Json<BTreeMap<String, String>>)>(&format!(
-            "UPDATE {s}.outbox SET claimed_until = now() + make_interval(secs => $2), attempts = attempts + 1
-             WHERE id IN (
-                 SELECT id FROM {s}.outbox
-                 WHERE claimed_until IS NULL OR claimed_until < now()
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING id, subject, payload, headers"
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+            .bind(self.config.lease.as_millis().max(1).to_string())
+            .execute(&mut *tx)
+            .await?;
+        // `heads`: the oldest row of each key, when it is due and no other relay holds it (a
+        // row being published by another relay still exists to this snapshot, so the rows
+        // after it are no heads). `batch`: the heads' rows in sequence order. The DELETE keeps
+        // only rows that no row of their key outside this batch precedes.
+        let mut rows: Vec<Row> = sqlx::query_as(&format!(
+            "WITH heads AS (
+                 SELECT o.seq, o.key FROM {s}.outbox o
+                 WHERE o.retry_at <= now()
+                   AND NOT EXISTS (SELECT 1 FROM {s}.outbox e WHERE e.key = o.key AND e.seq < o.seq)
+                 ORDER BY o.seq LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+             ), batch AS (
+                 SELECT o.seq FROM {s}.outbox o
+                 WHERE o.key IN (SELECT key FROM heads)
+                 ORDER BY o.seq LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+             )
+             DELETE FROM {s}.outbox o USING batch b
+             WHERE o.seq = b.seq
+               AND NOT EXISTS (SELECT 1 FROM {s}.outbox e
+                               WHERE e.key = o.key AND e.seq < o.seq
+                                 AND e.seq NOT IN (SELECT seq FROM batch))
+             RETURNING o.seq, o.id, o.key, o.subject, o.payload, o.headers, o.created_at, o.attempts, o.last_error"
         ))
         .bind(self.config.batch_size)
-        .bind(self.config.lease.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|(id, subject, payload, headers)| ClaimedRow { id, subject, payload, headers })
-        .collect();
-        // UUIDv7 ids sort by creation time; RETURNING has no order of its own.
-        rows.sort_by_key(|row| row.id);
-        Ok(rows)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(BatchOutcome::default());
+        }
+        // RETURNING has no order of its own.
+        rows.sort_by_key(|row| row.seq);
+        let mut chains: HashMap<&str, Vec<&Row>> = HashMap::new();
+        for row in &rows {
+            chains.entry(row.key.as_str()).or_default().push(row);
+        }
+        let results =
+            futures::future::join_all(chains.into_values().map(|chain| self.publish_chain(chain)))
+                .await;
+
+        let mut outcome = BatchOutcome {
+            claimed: rows.len(),
+            ..BatchOutcome::default()
+        };
+        let mut dead = Vec::new();
+        for (chain, published, failure) in results {
+            outcome.published += published;
+            let Some(failure) = failure else { continue };
+            let (failed, behind) = (chain[published], &chain[published + 1..]);
+            if failure.refused {
+                self.metrics.refused.get_or_create(&self.labels()).inc();
+                let attempts = failed.attempts.saturating_add(1);
+                if attempts >= self.config.max_attempts {
+                    self.dead_letter(&mut tx, failed, attempts, &failure.message)
+                        .await?;
+                    dead.push((failed, attempts, failure.message));
+                } else {
+                    let wait = self.retry_wait(attempts);
+                    put_back(
+                        &mut tx,
+                        s,
+                        failed,
+                        attempts,
+                        Some(&failure.message),
+                        Some(wait),
+                    )
+                    .await?;
+                }
+            } else {
+                put_back(
+                    &mut tx,
+                    s,
+                    failed,
+                    failed.attempts,
+                    Some(&failure.message),
+                    None,
+                )
+                .await?;
+                outcome.unavailable.get_or_insert(failure.message);
+            }
+            for row in behind {
+                put_back(
+                    &mut tx,
+                    s,
+                    row,
+                    row.attempts,
+                    row.last_error.as_deref(),
+                    None,
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        // Counted after the commit: only then are the rows behind the dead letters free.
+        outcome.dead_lettered = dead.len();
+        self.metrics
+            .published
+            .get_or_create(&self.labels())
+            .inc_by(outcome.published as u64);
+        for (row, attempts, error) in dead {
+            self.metrics
+                .dead_letters
+                .get_or_create(&self.labels())
+                .inc();
+            tracing::warn!(
+                schema = s,
+                event_id = %row.id,
+                key = %row.key,
+                subject = %row.subject,
+                attempts,
+                %error,
+                "outbox event moved to the dead-letter table; later events of its key go on without it"
+            );
+        }
+        Ok(outcome)
     }
 
-    async fn publish(&self, rows: Vec<ClaimedRow>) -> Result<usize, BusError> {
-        // Send the whole batch before awaiting acknowledgements, in order.
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in rows {
-            let headers = message_headers(row.id, &row.headers.0);
+    /// Publishes `chain` (rows of one key, in order) one at a time; returns the chain, how many
+    /// were acknowledged, and why the next one was not.
+    async fn publish_chain<'r>(
+        &self,
+        chain: Vec<&'r Row>,
+    ) -> (Vec<&'r Row>, usize, Option<Failure>) {
+        for (published, row) in chain.iter().enumerate() {
             let span =
                 tracing::debug_span!("outbox.publish", subject = %row.subject, event_id = %row.id);
-            let publish = self.jetstream.publish_with_headers(
-                row.subject.clone(),
-                headers,
-                row.payload.into(),
-            );
-            match publish.instrument(span).await {
-                Ok(ack) => pending.push((row.id, ack)),
-                Err(error) => {
-                    self.record_failure(row.id, &error.to_string()).await;
-                    return Err(BusError::jetstream("publish", error));
-                }
+            if let Err(failure) = self.publish_one(row).instrument(span).await {
+                return (chain, published, Some(failure));
             }
         }
-        let mut acked = Vec::with_capacity(pending.len());
-        let mut first_error = None;
-        for (id, ack) in pending {
-            match ack.await {
-                Ok(ack) => {
-                    if ack.duplicate {
-                        tracing::debug!(event_id = %id, "event was already in the stream; dropped as a duplicate");
-                    }
-                    acked.push(id);
-                }
-                Err(error) => {
-                    self.record_failure(id, &error.to_string()).await;
-                    first_error.get_or_insert(error);
-                }
-            }
-        }
-        let s = self.outbox.schema();
-        sqlx::query(&format!("DELETE FROM {s}.outbox WHERE id = ANY($1)"))
-            .bind(&acked)
-            .execute(&self.pool)
-            .await?;
-        match first_error {
-            Some(error) => Err(BusError::jetstream("publish acknowledgement", error)),
-            None => Ok(acked.len()),
-        }
+        let published = chain.len();
+        (chain, published, None)
     }
 
-    async fn record_failure(&self, id: Uuid, error: &str) {
+    async fn publish_one(&self, row: &Row) -> Result<(), Failure> {
+        let headers = message_headers(row.id, &row.headers.0);
+        let ack = self
+            .jetstream
+            .publish_with_headers(row.subject.clone(), headers, row.payload.clone().into())
+            .await
+            .map_err(failure)?
+            .await
+            .map_err(failure)?;
+        if ack.duplicate {
+            tracing::debug!(event_id = %row.id, "event was already in the stream; dropped as a duplicate");
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        tx: &mut PgConnection,
+        row: &Row,
+        attempts: i32,
+        error: &str,
+    ) -> Result<(), BusError> {
         let s = self.outbox.schema();
-        let result = sqlx::query(&format!(
-            "UPDATE {s}.outbox SET last_error = $2 WHERE id = $1"
+        sqlx::query(&format!(
+            "INSERT INTO {s}.outbox_dead_letter
+                 (id, seq, key, subject, payload, headers, created_at, attempts, last_error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, attempts = EXCLUDED.attempts,
+                 last_error = EXCLUDED.last_error, dead_at = now()"
         ))
-        .bind(id)
+        .bind(row.id)
+        .bind(row.seq)
+        .bind(&row.key)
+        .bind(&row.subject)
+        .bind(&row.payload)
+        .bind(&row.headers)
+        .bind(row.created_at)
+        .bind(attempts)
         .bind(error)
-        .execute(&self.pool)
-        .await;
-        if let Err(db_error) = result {
-            tracing::warn!(%db_error, event_id = %id, "cannot record outbox publish failure");
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// How long an event refused `attempts` times waits before its next attempt.
+    fn retry_wait(&self, attempts: i32) -> Duration {
+        let doublings = u32::try_from(attempts.saturating_sub(1))
+            .unwrap_or(0)
+            .min(20);
+        self.config
+            .retry_backoff
+            .saturating_mul(1 << doublings)
+            .min(self.config.retry_backoff_max)
+    }
+}
+
+const LISTEN_RETRY_MIN: Duration = Duration::from_millis(500);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Puts a claimed row back under its own sequence number, so it keeps its place in its key.
+async fn put_back(
+    tx: &mut PgConnection,
+    schema: &str,
+    row: &Row,
+    attempts: i32,
+    last_error: Option<&str>,
+    retry_in: Option<Duration>,
+) -> Result<(), BusError> {
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.outbox
+             (seq, id, key, subject, payload, headers, created_at, attempts, last_error, retry_at)
+         OVERRIDING SYSTEM VALUE
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                 CASE WHEN $10::float8 IS NULL THEN '-infinity' ELSE now() + make_interval(secs => $10) END)"
+    ))
+    .bind(row.seq)
+    .bind(row.id)
+    .bind(&row.key)
+    .bind(&row.subject)
+    .bind(&row.payload)
+    .bind(&row.headers)
+    .bind(row.created_at)
+    .bind(attempts)
+    .bind(last_error)
+    .bind(retry_in.map(|d| d.as_secs_f64()))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Classifies a publish error: refused when JetStream answered about this very message.
+fn failure(error: PublishError) -> Failure {
+    let refused = match error.kind() {
+        // No stream captures the subject: the server answered "no responders".
+        PublishErrorKind::StreamNotFound
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => true,
+        // An error response of the JetStream API (message too large, …), rather than a send
+        // that failed or an answer that could not be read.
+        PublishErrorKind::Other => {
+            std::error::Error::source(&error).is_some_and(|source| source.is::<jetstream::Error>())
+        }
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => false,
+    };
+    let mut message = error.to_string();
+    if let Some(source) = std::error::Error::source(&error) {
+        let source = source.to_string();
+        if !message.contains(&source) {
+            message = format!("{message}: {source}");
         }
     }
+    Failure { refused, message }
 }
 
 /// The headers of the message for event `id`: its extra headers, then `Nats-Msg-Id`.
@@ -248,10 +544,27 @@ fn message_headers(id: Uuid, extra: &BTreeMap<String, String>) -> HeaderMap {
     headers
 }
 
-/// Waits for the next notification; false when the listener is gone and must be rebuilt.
-async fn wait_for_notification(listener: &mut Option<PgListener>) -> bool {
-    match listener {
-        Some(l) => l.recv().await.is_ok(),
-        None => std::future::pending().await,
+/// Why the relay woke up.
+enum Wake {
+    /// A notification arrived (or the listener reconnected and may have missed some).
+    Notified,
+    /// The listener is gone and must be rebuilt.
+    Lost(sqlx::Error),
+}
+
+/// Waits for the next notification and drains those already buffered, which the publishing
+/// pass about to run covers too. Never returns without a listener.
+async fn next_notification(listener: &mut Option<PgListener>) -> Wake {
+    let Some(l) = listener else {
+        return std::future::pending().await;
+    };
+    match l.try_recv().await {
+        Ok(Some(_)) => {
+            while l.next_buffered().is_some() {}
+            Wake::Notified
+        }
+        // The connection dropped and was re-established: notifications may have been lost.
+        Ok(None) => Wake::Notified,
+        Err(error) => Wake::Lost(error),
     }
 }

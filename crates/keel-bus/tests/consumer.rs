@@ -410,3 +410,98 @@ async fn an_event_committed_in_an_outbox_reaches_a_consumer_once() {
     assert_eq!(handled, sent.iter().map(|m| m.id).collect::<Vec<_>>());
     assert_eq!(t.pending().await, 0);
 }
+
+/// Inbox entries older than the retention go, younger ones stay and still de-duplicate.
+#[tokio::test]
+async fn the_inbox_is_pruned_after_the_retention_and_still_deduplicates_within_it() {
+    let t = start(StreamSettings::default()).await;
+    let handler = Recorder::default();
+    let old = event("keel.test.thing.created");
+    let recent = event("keel.test.thing.updated");
+    for sent in [&old, &recent] {
+        handle_once(&t.pool, &t.outbox, "a", &handler, &delivery(sent, 1))
+            .await
+            .expect("handled");
+    }
+    sqlx::query(
+        "UPDATE svc.inbox SET processed_at = now() - interval '2 hours' WHERE event_id = $1",
+    )
+    .bind(old.id)
+    .execute(&t.pool)
+    .await
+    .expect("age one entry");
+    // Another consumer's old entry is not this consumer's to prune.
+    handle_once(&t.pool, &t.outbox, "b", &handler, &delivery(&old, 1))
+        .await
+        .expect("handled by b");
+    sqlx::query(
+        "UPDATE svc.inbox SET processed_at = now() - interval '2 hours' WHERE consumer = 'b'",
+    )
+    .execute(&t.pool)
+    .await
+    .expect("age b's entry");
+
+    let pruned =
+        keel_bus::consumer::prune_inbox(&t.pool, &t.outbox, "a", Duration::from_secs(3600))
+            .await
+            .expect("prune");
+
+    assert_eq!(pruned, 1);
+    assert_eq!(inbox(&t, "a").await, [recent.id]);
+    assert_eq!(inbox(&t, "b").await, [old.id]);
+    let again = handle_once(&t.pool, &t.outbox, "a", &handler, &delivery(&recent, 2)).await;
+    assert!(matches!(again, Ok(false)), "still de-duplicated: {again:?}");
+}
+
+/// `run` prunes by itself, periodically.
+#[tokio::test]
+async fn run_prunes_the_inbox_periodically() {
+    let t = start(StreamSettings::default()).await;
+    let handler = Arc::new(Recorder::default());
+    let old = event("keel.test.thing.created");
+    handle_once(&t.pool, &t.outbox, "effects", &*handler, &delivery(&old, 1))
+        .await
+        .expect("handled");
+    sqlx::query("UPDATE svc.inbox SET processed_at = now() - interval '2 hours'")
+        .execute(&t.pool)
+        .await
+        .expect("age the entry");
+    let _consumer = spawn_consumer(
+        &t,
+        ConsumerConfig {
+            prune_interval: Duration::from_millis(100),
+            ..config("effects", "keel.test.>")
+        },
+        handler.clone(),
+    );
+
+    eventually("the old entry to be pruned", async || {
+        inbox(&t, "effects").await.is_empty().then_some(())
+    })
+    .await;
+}
+
+/// A retention shorter than the redelivery span would let a redelivered event run twice.
+#[tokio::test]
+async fn run_refuses_an_inbox_retention_shorter_than_redelivery() {
+    let t = start(StreamSettings::default()).await;
+    let outcome = tokio::time::timeout(
+        DEADLINE,
+        keel_bus::consumer::run(
+            &t.bus,
+            &t.pool,
+            &t.outbox,
+            &ConsumerConfig {
+                inbox_retention: Duration::from_secs(60),
+                ..config("effects", "keel.test.>")
+            },
+            &Recorder::default(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("run returns");
+
+    let error = outcome.expect_err("retention too short").to_string();
+    assert!(error.contains("raise inbox_retention"), "{error}");
+}

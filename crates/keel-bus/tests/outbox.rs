@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use keel_bus::{BusError, MSG_ID_HEADER, Outbox, RelayConfig};
+use keel_bus::{BusError, MSG_ID_HEADER, Outbox, OutboxMessage, RelayConfig};
+use sqlx::Connection as _;
 use tokio::time::Instant;
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -150,11 +151,7 @@ async fn a_row_published_but_not_deleted_is_deduplicated_and_deleted() {
     let t = TestBus::start().await;
     let sent = event("keel.test.thing.created");
     t.commit(std::slice::from_ref(&sent)).await;
-    // What the dead relay did: claim the row (its lease has run out since) and publish it.
-    sqlx::query("UPDATE svc.outbox SET claimed_until = now() - interval '1 second', attempts = 1")
-        .execute(&t.pool)
-        .await
-        .expect("expire the dead relay's claim");
+    // What the dead relay did before its claim rolled back: publish the row.
     let ack = t.publish_directly(&sent).await;
     assert!(!ack.duplicate);
 
@@ -166,46 +163,50 @@ async fn a_row_published_but_not_deleted_is_deduplicated_and_deleted() {
     assert_each_once(&t.stream_messages().await, &[sent]);
 }
 
-/// A relay claimed the row and died: the row is left alone until the claim's lease ends.
+/// A relay claimed a batch (deleted its rows in an open transaction) and died before it
+/// committed: the rows are back as soon as its connection is gone, with no lease to wait for.
 #[tokio::test]
-async fn a_row_claimed_by_a_dead_relay_waits_for_the_lease_to_end() {
+async fn rows_claimed_by_a_relay_that_died_are_free_at_once() {
     let t = TestBus::start().await;
-    let sent = event("keel.test.thing.created");
-    t.commit(std::slice::from_ref(&sent)).await;
-    let lease = Duration::from_secs(2);
-    let claimed_at = Instant::now();
-    sqlx::query(
-        "UPDATE svc.outbox SET claimed_until = now() + make_interval(secs => $1), attempts = 1",
-    )
-    .bind(lease.as_secs_f64())
-    .execute(&t.pool)
-    .await
-    .expect("claim as a relay would");
+    let sent = events("keel.test.thing.created", 3);
+    t.commit(&sent).await;
+    let mut dead_relay = sqlx::PgConnection::connect(&t.database_url)
+        .await
+        .expect("the dead relay's connection");
+    sqlx::query("BEGIN")
+        .execute(&mut dead_relay)
+        .await
+        .expect("begin");
+    let claimed = sqlx::query("DELETE FROM svc.outbox RETURNING id")
+        .fetch_all(&mut dead_relay)
+        .await
+        .expect("claim as a relay does");
+    assert_eq!(claimed.len(), 3);
     let relay = t.relay();
-
-    assert_eq!(relay.publish_pending().await.expect("publish"), 0);
     assert_eq!(
-        t.stream_len().await,
+        relay.publish_pending().await.expect("publish"),
         0,
-        "nothing published during the lease"
+        "the claim keeps other relays off"
     );
-    assert_eq!(t.pending().await, 1);
 
-    let published = eventually("the lease to end", async || {
+    dead_relay.close().await.expect("the relay dies");
+    let died_at = Instant::now();
+    let published = eventually("the rows to come back", async || {
         match relay.publish_pending().await.expect("publish") {
             0 => None,
             n => Some(n),
         }
     })
     .await;
+
     assert!(
-        claimed_at.elapsed() >= lease,
-        "published {:?} into a {lease:?} lease",
-        claimed_at.elapsed()
+        died_at.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        died_at.elapsed()
     );
-    assert_eq!(published, 1);
+    assert_eq!(published, 3);
     assert_eq!(t.pending().await, 0);
-    assert_each_once(&t.stream_messages().await, &[sent]);
+    assert_each_once(&t.stream_messages().await, &sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,4 +350,56 @@ async fn install_is_safe_when_replicas_run_it_at_once() {
             assert_eq!(counts, (0, 0));
         }
     }
+}
+
+#[tokio::test]
+async fn an_event_without_an_ordering_key_is_refused_and_nothing_is_stored() {
+    let t = TestBus::start().await;
+    let keyless = OutboxMessage::new("", "keel.test.thing.created", b"x".to_vec());
+    let mut tx = t.pool.begin().await.expect("begin");
+
+    let error = t
+        .outbox
+        .enqueue(&mut tx, &keyless)
+        .await
+        .expect_err("an empty key is refused")
+        .to_string();
+
+    assert!(error.contains("empty ordering key"), "{error}");
+    tx.commit().await.expect("commit");
+    assert_eq!(t.pending().await, 0);
+}
+
+/// An outbox installed by the previous version (no sequence, no key) keeps its rows and gets
+/// the new columns; its rows are published.
+#[tokio::test]
+async fn install_upgrades_an_outbox_of_the_previous_version() {
+    let t = TestBus::start().await;
+    sqlx::raw_sql(
+        "CREATE SCHEMA old;
+         CREATE TABLE old.outbox (
+             id uuid PRIMARY KEY, subject text NOT NULL, payload bytea NOT NULL,
+             headers jsonb NOT NULL DEFAULT '{}', created_at timestamptz NOT NULL DEFAULT now(),
+             attempts integer NOT NULL DEFAULT 0, claimed_until timestamptz, last_error text);
+         INSERT INTO old.outbox (id, subject, payload) VALUES
+             ('00000000-0000-7000-8000-000000000001', 'keel.test.old.created', 'a'),
+             ('00000000-0000-7000-8000-000000000002', 'keel.test.old.created', 'b');",
+    )
+    .execute(&t.pool)
+    .await
+    .expect("an old outbox");
+    let outbox = Outbox::new("old").expect("valid schema");
+
+    outbox.install(&t.pool).await.expect("upgrade");
+    outbox.install(&t.pool).await.expect("and again");
+
+    assert_eq!(outbox.pending(&t.pool).await.expect("pending"), 2);
+    let relay = keel_bus::Relay::new(
+        t.pool.clone(),
+        outbox.clone(),
+        t.bus.jetstream().clone(),
+        RelayConfig::default(),
+    );
+    assert_eq!(relay.publish_pending().await.expect("publish"), 2);
+    assert_eq!(t.stream_len().await, 2);
 }

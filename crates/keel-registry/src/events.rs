@@ -77,6 +77,8 @@ fn envelope(
     };
     Ok(OutboxMessage {
         id,
+        // Events of one instance reach subscribers in the order of its versions.
+        key: instance.id.clone(),
         subject,
         payload: event.encode_to_vec(),
         headers: keel_telemetry::current_traceparent().into_iter().collect(),

@@ -259,12 +259,16 @@ impl Host {
                 source,
             })?;
         if let (Some(outbox), Some(config)) = (S::outbox(), &self.relay_config) {
-            self.relays.push(Relay::new(
+            let relay = Relay::new(
                 self.pool.clone(),
                 outbox,
                 self.bus.jetstream().clone(),
                 config.clone(),
-            ));
+            );
+            self.server
+                .metrics()
+                .with_registry(|registry| relay.register_metrics(registry));
+            self.relays.push(relay);
         }
         self.services.push(name);
         Ok(self)

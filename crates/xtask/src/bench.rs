@@ -1,4 +1,5 @@
-//! `cargo xtask bench [args]`: setup, then the registry benchmark; exits with cargo's code.
+//! `cargo xtask bench [args]`: setup, then the registry and outbox benchmarks; exits with the
+//! first failing cargo's code.
 
 use std::process::ExitCode;
 
@@ -8,10 +9,15 @@ use crate::{cmd, setup};
 
 pub(crate) fn run(extra: &[String]) -> Result<ExitCode> {
     setup::run()?;
-    let status = cmd::status(
-        cmd::cargo()
-            .args(["bench", "-p", "keel-registry", "--bench", "registry"])
-            .args(extra),
-    )?;
-    Ok(cmd::exit_code(status))
+    for (package, bench) in [("keel-registry", "registry"), ("keel-bus", "outbox")] {
+        let status = cmd::status(
+            cmd::cargo()
+                .args(["bench", "-p", package, "--bench", bench])
+                .args(extra),
+        )?;
+        if !status.success() {
+            return Ok(cmd::exit_code(status));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

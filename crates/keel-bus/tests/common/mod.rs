@@ -3,7 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::jetstream::publish::PublishAck;
@@ -29,6 +29,9 @@ pub struct TestBus {
     pub bus: Bus,
     pub outbox: Outbox,
     pub nats_url: String,
+    /// The test database's URL (superuser) and name.
+    pub database_url: String,
+    pub database_name: String,
     _env: TestEnv,
 }
 
@@ -54,6 +57,8 @@ impl TestBus {
             bus,
             outbox,
             nats_url,
+            database_url: db.url.clone(),
+            database_name: db.name.clone(),
             _env: env,
         }
     }
@@ -127,6 +132,15 @@ impl TestBus {
         stream.get_info().await.expect("stream info").state.messages
     }
 
+    /// The event ids the `KEEL` stream holds, oldest first.
+    pub async fn stream_ids(&self) -> Vec<Uuid> {
+        self.stream_messages()
+            .await
+            .iter()
+            .map(|m| msg_id(m))
+            .collect()
+    }
+
     /// Every message the `KEEL` stream holds, oldest first.
     pub async fn stream_messages(&self) -> Vec<jetstream::Message> {
         let expected = self.stream_len().await as usize;
@@ -157,18 +171,22 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// An event with a fresh UUIDv7 id whose payload names it.
+/// Ordering key of the events made by [`event`].
+pub const KEY: &str = "thing-1";
+
+/// An event about [`KEY`] with a fresh UUIDv7 id whose payload names it.
 pub fn event(subject: &str) -> OutboxMessage {
-    let id = Uuid::now_v7();
-    OutboxMessage {
-        id,
-        subject: subject.to_owned(),
-        payload: format!("event {id}").into_bytes(),
-        headers: BTreeMap::new(),
-    }
+    keyed(KEY, subject)
 }
 
-/// `count` events on `subject`.
+/// An event about `key` with a fresh UUIDv7 id whose payload names it.
+pub fn keyed(key: &str, subject: &str) -> OutboxMessage {
+    let mut message = OutboxMessage::new(key, subject, Vec::new());
+    message.payload = format!("event {}", message.id).into_bytes();
+    message
+}
+
+/// `count` events about [`KEY`] on `subject`.
 pub fn events(subject: &str, count: usize) -> Vec<OutboxMessage> {
     (0..count).map(|_| event(subject)).collect()
 }
