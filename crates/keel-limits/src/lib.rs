@@ -25,5 +25,5 @@ mod config;
 mod layer;
 mod metrics;
 
-pub use config::{LimitsConfig, parse_bytes};
+pub use config::LimitsConfig;
 pub use layer::{LimitsLayer, LimitsService, RETRY_AFTER_MS};
