@@ -4,6 +4,14 @@
 
 use std::path::PathBuf;
 
+/// Messages whose `Debug` is written by hand in `src/debug.rs`, because they carry a
+/// connection URL that may hold a password.
+const REDACTED_DEBUG: &[&str] = &[
+    ".keel.v1.Instance",
+    ".keel.v1.MonitoringEndpoint",
+    ".keel.v1.GetInstanceConnectionResponse",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read at run time, not with `env!`: a compiled build script is reused by every clone that
     // shares a target directory, and must compile the protos of the clone that runs it.
@@ -32,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .skip_debug(REDACTED_DEBUG)
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -36,7 +36,7 @@ pub enum BusError {
     /// Connecting to NATS failed.
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
-        /// The server URL.
+        /// The server URL, its credentials masked ([`keel_config::redact_url`]).
         url: String,
         /// What went wrong.
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -100,7 +100,7 @@ impl Bus {
     /// Connects and creates the `KEEL` stream if it does not exist.
     pub async fn connect(config: &NatsConfig, settings: &StreamSettings) -> Result<Self, BusError> {
         let connect_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Connect {
-            url: config.url.clone(),
+            url: keel_config::redact_url(&config.url),
             source,
         };
         let mut options = async_nats::ConnectOptions::new().name("keel");

@@ -34,8 +34,8 @@ pub enum ConfigError {
     },
 }
 
-/// Where the PostgreSQL state store is.
-#[derive(Debug, Clone, clap::Args)]
+/// Where the PostgreSQL state store is. `Debug` shows the URL with its password masked.
+#[derive(Clone, clap::Args)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL of Keel's state store (each service keeps its own schema there).
     #[arg(
@@ -57,6 +57,16 @@ pub struct DatabaseConfig {
     /// How long to wait for a free connection before failing a request.
     #[arg(id = "database_acquire_timeout", long = "database-acquire-timeout", env = "KEEL_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub acquire_timeout: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(self.url.expose_secret()))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish()
+    }
 }
 
 impl DatabaseConfig {
@@ -98,8 +108,8 @@ impl DatabaseConfig {
     }
 }
 
-/// Where NATS JetStream is.
-#[derive(Debug, Clone, clap::Args)]
+/// Where NATS JetStream is. `Debug` shows the URL with its credentials masked.
+#[derive(Clone, clap::Args)]
 pub struct NatsConfig {
     /// NATS server URL (JetStream must be enabled: `nats-server -js`).
     #[arg(
@@ -116,6 +126,15 @@ pub struct NatsConfig {
         env = "KEEL_NATS_CREDENTIALS_FILE"
     )]
     pub credentials_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_url(&self.url))
+            .field("credentials_file", &self.credentials_file)
+            .finish()
+    }
 }
 
 impl NatsConfig {
@@ -447,8 +466,8 @@ impl ListenConfig {
     }
 }
 
-/// How a process logs and traces.
-#[derive(Debug, Clone, clap::Args)]
+/// How a process logs and traces. `Debug` masks credentials in the OTLP endpoint.
+#[derive(Clone, clap::Args)]
 pub struct TelemetryConfig {
     /// Log filter in `RUST_LOG` syntax.
     #[arg(long = "log", env = "KEEL_LOG", default_value = "info")]
@@ -466,6 +485,20 @@ pub struct TelemetryConfig {
         default_value = "keel"
     )]
     pub service_name: String,
+}
+
+impl std::fmt::Debug for TelemetryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetryConfig")
+            .field("log_filter", &self.log_filter)
+            .field("log_format", &self.log_format)
+            .field(
+                "otlp_endpoint",
+                &self.otlp_endpoint.as_deref().map(redact_url),
+            )
+            .field("service_name", &self.service_name)
+            .finish()
+    }
 }
 
 /// Log line format.
@@ -534,6 +567,62 @@ pub fn parse_byte_size<T: TryFrom<u64>>(raw: &str) -> Result<T, String> {
         ),
     })?;
     T::try_from(bytes).map_err(|_| too_large())
+}
+
+/// What a masked credential looks like in logs, errors and `Debug` output.
+pub const REDACTED: &str = "****";
+
+/// Query parameters that carry credentials in libpq, redis and NATS URLs.
+const CREDENTIAL_PARAMS: &[&str] = &["password", "sslpassword", "pass", "auth", "token", "secret"];
+
+/// Schemes where a user without a password is itself a secret (`nats://<token>@host`).
+const TOKEN_IN_USER_SCHEMES: &[&str] = &["nats", "tls", "ws", "wss"];
+
+/// `raw` with every credential replaced by [`REDACTED`], for `Debug` output, logs and error
+/// messages: the userinfo password, a NATS token in the user part, and credential query
+/// parameters (`?password=`, `?token=`, ...). A value that does not parse as a URL is not shown at
+/// all, since there is no telling where a credential in it would be.
+pub fn redact_url(raw: &str) -> String {
+    // An opaque URL (`app:s3cret@db`, no `//`) has no userinfo to mask: the secret would be in
+    // its path.
+    let Some(mut url) = url::Url::parse(raw)
+        .ok()
+        .filter(|url| !url.cannot_be_a_base())
+    else {
+        return match raw.split_once("://") {
+            Some((scheme, _))
+                if scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+') =>
+            {
+                format!("{scheme}://<not a URL, hidden>")
+            }
+            _ => "<not a URL, hidden>".to_owned(),
+        };
+    };
+    // `set_password` and `set_username` fail only for URLs that cannot have userinfo, and
+    // those have nothing to hide there.
+    if url.password().is_some() {
+        let _ = url.set_password(Some(REDACTED));
+    } else if !url.username().is_empty() && TOKEN_IN_USER_SCHEMES.contains(&url.scheme()) {
+        let _ = url.set_username(REDACTED);
+    }
+    let is_credential = |key: &str| CREDENTIAL_PARAMS.contains(&key.to_ascii_lowercase().as_str());
+    if url.query_pairs().any(|(key, _)| is_credential(&key)) {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if is_credential(&key) {
+                    REDACTED.into()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 #[cfg(test)]
@@ -624,6 +713,42 @@ mod tests {
         let err = parse_byte_size::<u32>("4GiB").unwrap_err();
         assert!(err.contains("is too large"), "{err}");
         assert_eq!(parse_byte_size::<u32>("4294967295"), Ok(u32::MAX));
+    }
+
+    fn check_redacted(raw: &str, expected: &str) {
+        assert_eq!(redact_url(raw), expected, "{raw}");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        check_redacted(
+            "postgres://app:s3cret@db:5432/shop",
+            "postgres://app:****@db:5432/shop",
+        );
+        check_redacted("postgres://app@db/shop", "postgres://app@db/shop");
+        check_redacted(
+            "postgres://app@db/shop?sslmode=require&PassWord=s3cret",
+            "postgres://app@db/shop?sslmode=require&PassWord=****",
+        );
+        check_redacted("redis://:s3cret@cache:6379/0", "redis://:****@cache:6379/0");
+        check_redacted("nats://user:s3cret@bus:4222", "nats://user:****@bus:4222");
+        // A lone user part of a NATS URL is a token.
+        check_redacted("nats://s3cret@bus:4222", "nats://****@bus:4222");
+        check_redacted("tls://s3cret@bus:4222", "tls://****@bus:4222");
+        check_redacted("nats://bus:4222?token=s3cret", "nats://bus:4222?token=****");
+        check_redacted("nats://127.0.0.1:4222", "nats://127.0.0.1:4222");
+        // An unencoded `@` in the password still ends up masked as a whole.
+        check_redacted(
+            "postgres://app:s3@cret@db/shop",
+            "postgres://app:****@db/shop",
+        );
+        // What does not parse is not shown.
+        check_redacted(
+            "postgres://app:s3cret@db:port/shop",
+            "postgres://<not a URL, hidden>",
+        );
+        check_redacted("app:s3cret@db", "<not a URL, hidden>");
+        check_redacted("s3cret", "<not a URL, hidden>");
     }
 
     #[test]

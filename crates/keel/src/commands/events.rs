@@ -18,9 +18,11 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
         output,
     } = command;
     nats.validate()?;
+    // The URL may carry credentials: errors quote it masked.
+    let shown_url = keel_config::redact_url(&nats.url);
     let client = async_nats::connect(&nats.url)
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", nats.url))?;
+        .with_context(|| format!("cannot connect to NATS at {shown_url}"))?;
     let jetstream = async_nats::jetstream::new(client);
     let stream = jetstream
         .get_stream(keel_bus::STREAM)
@@ -29,7 +31,7 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
             format!(
                 "no {} stream on {}: has `keel serve` run against this NATS?",
                 keel_bus::STREAM,
-                nats.url
+                shown_url
             )
         })?;
     // An ephemeral consumer: nothing is left behind on the server when the tail stops.
