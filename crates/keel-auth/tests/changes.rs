@@ -234,14 +234,51 @@ async fn a_lost_listener_empties_the_cache() {
 
 #[tokio::test]
 async fn without_a_watcher_the_ttl_still_bounds_a_revocation_elsewhere() {
-    let (a, b, _pool) = replicas().await;
+    // Short, so the test can wait it out; long enough that a loaded machine still makes the
+    // second lookup within it.
+    const SHORT_TTL: Duration = Duration::from_secs(3);
+    let env = keel_testkit::TestEnv::new();
+    let db = env.database().await.expect("test database");
+    KeyStore::migrate(&db.pool().await.expect("pool"))
+        .await
+        .expect("migrate");
+    let a = KeyStore::new(db.pool().await.expect("pool A"), TTL);
+    // B does not watch for changes: only its cache TTL can end its trust in the key.
+    let b = KeyStore::new(db.pool().await.expect("pool B"), SHORT_TTL);
     let (id, key) = create(&a, Role::Viewer, "dash").await;
+
+    let before_lookup = Instant::now();
     b.authenticate(key.expose_secret())
         .await
         .expect("B caches the key");
+    // The entry is fresh until between these two instants plus the TTL.
+    let after_lookup = Instant::now();
     a.revoke(id, &actor()).await.expect("revoke on A");
-    // A replica that does not watch keeps its cached answer until the TTL.
-    b.authenticate(key.expose_secret())
-        .await
-        .expect("cached within the TTL");
+    assert!(
+        matches!(
+            a.authenticate(key.expose_secret()).await,
+            Err(AuthError::Revoked)
+        ),
+        "revoked in the store"
+    );
+
+    // Before the TTL: B still answers from its cache (a cache that was not used would refuse).
+    let result = b.authenticate(key.expose_secret()).await;
+    let checked_by = before_lookup.elapsed();
+    assert!(
+        checked_by < SHORT_TTL,
+        "the machine took {checked_by:?} to get here, longer than the TTL of {SHORT_TTL:?}"
+    );
+    result.expect("cached within the TTL");
+
+    // Once the TTL has passed: B looks the key up again and finds it revoked (a cache that
+    // ignored its TTL would still accept it).
+    tokio::time::sleep_until((after_lookup + SHORT_TTL + Duration::from_millis(100)).into()).await;
+    assert!(
+        matches!(
+            b.authenticate(key.expose_secret()).await,
+            Err(AuthError::Revoked)
+        ),
+        "still trusted after the TTL"
+    );
 }

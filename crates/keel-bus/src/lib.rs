@@ -37,7 +37,7 @@ pub enum BusError {
     /// Connecting to NATS failed.
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
-        /// The server URL, its password masked.
+        /// The server URL, its credentials masked ([`keel_config::redact_url`]).
         url: String,
         /// What went wrong.
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -107,23 +107,6 @@ pub fn with_url_auth(options: async_nats::ConnectOptions, url: &str) -> async_na
     }
 }
 
-/// `url` with its password (if any) replaced by `****`, for messages and logs: a NATS user may be
-/// given as `nats://user:password@host:4222`. Text that is not a URL is left out entirely.
-pub fn masked_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("****"));
-            } else if !parsed.username().is_empty() {
-                // A user name alone is how a token is given (`nats://TOKEN@host`).
-                let _ = parsed.set_username("****");
-            }
-            parsed.to_string()
-        }
-        Err(_) => "(unparsable NATS URL)".to_owned(),
-    }
-}
-
 /// Settings of the deployment's stream, used only when the stream does not exist yet.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
@@ -159,7 +142,7 @@ impl Bus {
         // Checked before connecting: a bad root must not reach a stream definition.
         let root = SubjectRoot::new(&config.subject_root)?;
         let connect_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Connect {
-            url: masked_url(&config.url),
+            url: keel_config::redact_url(&config.url),
             source,
         };
         let mut options =
@@ -243,17 +226,5 @@ impl Bus {
     /// Whether the connection to NATS is up, for readiness checks.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn urls_in_messages_carry_no_password_or_token() {
-        let check = |url: &str, expected: &str| assert_eq!(super::masked_url(url), expected);
-        check("nats://127.0.0.1:4222", "nats://127.0.0.1:4222");
-        check("nats://acme:s3cret@nats:4222", "nats://acme:****@nats:4222");
-        check("tls://t0ken@nats:4222", "tls://****@nats:4222");
-        check("s3cret nonsense", "(unparsable NATS URL)");
     }
 }

@@ -34,8 +34,8 @@ pub enum ConfigError {
     },
 }
 
-/// Where the PostgreSQL state store is.
-#[derive(Debug, Clone, clap::Args)]
+/// Where the PostgreSQL state store is. `Debug` shows the URL with its password masked.
+#[derive(Clone, clap::Args)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL of Keel's state store (each service keeps its own schema there).
     #[arg(
@@ -57,6 +57,16 @@ pub struct DatabaseConfig {
     /// How long to wait for a free connection before failing a request.
     #[arg(id = "database_acquire_timeout", long = "database-acquire-timeout", env = "KEEL_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub acquire_timeout: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(self.url.expose_secret()))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish()
+    }
 }
 
 impl DatabaseConfig {
@@ -98,8 +108,8 @@ impl DatabaseConfig {
     }
 }
 
-/// Where NATS JetStream is.
-#[derive(Debug, Clone, clap::Args)]
+/// Where NATS JetStream is. `Debug` shows the URL with its credentials masked.
+#[derive(Clone, clap::Args)]
 pub struct NatsConfig {
     /// NATS server URL (JetStream must be enabled: `nats-server -js`).
     #[arg(
@@ -139,6 +149,17 @@ pub struct NatsConfig {
 pub const DEFAULT_STREAM: &str = "KEEL";
 /// Subject root of a deployment that does not name one.
 pub const DEFAULT_SUBJECT_ROOT: &str = "keel";
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_url(&self.url))
+            .field("credentials_file", &self.credentials_file)
+            .field("stream", &self.stream)
+            .field("subject_root", &self.subject_root)
+            .finish()
+    }
+}
 
 impl NatsConfig {
     /// A configuration for `url` without credentials, on the default stream and subject root.
@@ -266,7 +287,7 @@ pub struct ListenConfig {
     /// Largest request body the HTTP listener accepts, in bytes or with a unit (`256KiB`, `1MiB`,
     /// `1MB`). Larger bodies are refused with 413 Payload Too Large: at once when the declared
     /// Content-Length is larger, otherwise as soon as that many bytes have arrived.
-    #[arg(long = "http-body-limit", env = "KEEL_HTTP_BODY_LIMIT", default_value = "1MiB", value_parser = parse_byte_size)]
+    #[arg(long = "http-body-limit", env = "KEEL_HTTP_BODY_LIMIT", default_value = "1MiB", value_parser = parse_byte_size::<usize>)]
     pub http_body_limit: usize,
 }
 
@@ -504,8 +525,8 @@ impl ListenConfig {
     }
 }
 
-/// How a process logs and traces.
-#[derive(Debug, Clone, clap::Args)]
+/// How a process logs and traces. `Debug` masks credentials in the OTLP endpoint.
+#[derive(Clone, clap::Args)]
 pub struct TelemetryConfig {
     /// Log filter in `RUST_LOG` syntax.
     #[arg(long = "log", env = "KEEL_LOG", default_value = "info")]
@@ -523,6 +544,20 @@ pub struct TelemetryConfig {
         default_value = "keel"
     )]
     pub service_name: String,
+}
+
+impl std::fmt::Debug for TelemetryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetryConfig")
+            .field("log_filter", &self.log_filter)
+            .field("log_format", &self.log_format)
+            .field(
+                "otlp_endpoint",
+                &self.otlp_endpoint.as_deref().map(redact_url),
+            )
+            .field("service_name", &self.service_name)
+            .finish()
+    }
 }
 
 /// Log line format.
@@ -549,56 +584,104 @@ pub fn read_secret_file(
     ))
 }
 
-/// Parses durations such as `250ms`, `5s`, `2m`, `1h`.
+/// The longest duration any setting accepts: ten years (`10y`). Longer values are refused
+/// rather than carried into clock arithmetic, where they would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// Parses a duration, the one syntax of every duration setting: a number and a unit, as
+/// `humantime` reads them (`250ms`, `5s`, `2m`, `1h`, `90d`, `2w`, combined as `1h30m`); a bare
+/// number is seconds. At most [`MAX_DURATION`].
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (digits, unit) = raw.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration; write e.g. 500ms, 5s, 2m or 1h"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(value),
-        "s" | "" => Duration::from_secs(value),
-        "m" => Duration::from_secs(value * 60),
-        "h" => Duration::from_secs(value * 3600),
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {raw:?}; use ms, s, m or h"
-            ));
-        }
+    let too_long = || format!("{raw:?} is too long; at most 10y (3652d) is accepted");
+    let duration = if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(raw.parse().map_err(|_| too_long())?)
+    } else {
+        humantime::parse_duration(raw).map_err(|e| match e {
+            humantime::DurationError::NumberOverflow => too_long(),
+            e => {
+                format!("{raw:?} is not a duration ({e}); write e.g. 500ms, 5s, 2m, 1h, 90d or 2w")
+            }
+        })?
     };
+    if duration > MAX_DURATION {
+        return Err(too_long());
+    }
     Ok(duration)
 }
 
-/// Parses byte sizes such as `1048576`, `512B`, `256KiB`, `1MiB`, `1GiB`, or in powers of 1000
-/// `500kB`, `1MB`, `1GB`; `k`, `m` and `g` alone are KiB, MiB and GiB, as in nginx. Units are
-/// case-insensitive; a space may separate number and unit.
-pub fn parse_byte_size(raw: &str) -> Result<usize, String> {
+/// Parses a byte size, the one syntax of every size setting: a number of bytes, or a number and a
+/// unit where `kB`, `MB`, `GB`, `TB` (and `k`, `M`, `G`, `T`) are powers of 1000 and `KiB`, `MiB`,
+/// `GiB`, `TiB` powers of 1024. Units are case-insensitive, a space may separate number and unit,
+/// fractions are rounded to the nearest byte (`1.5KiB` is 1536). A size that does not fit `T` is
+/// refused, never wrapped or saturated.
+pub fn parse_byte_size<T: TryFrom<u64>>(raw: &str) -> Result<T, String> {
     let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (digits, unit) = raw.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a size; write bytes, or e.g. 256KiB, 1MiB or 1MB"))?;
-    let multiplier: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {raw:?}; use B, KiB, MiB, GiB, kB, MB or GB"
-            ));
-        }
+    let too_large = || format!("{raw:?} is too large for this setting");
+    let bytes = parse_size::parse_size(raw).map_err(|e| match e {
+        parse_size::Error::PosOverflow => too_large(),
+        _ => format!(
+            "{raw:?} is not a size; write bytes, or e.g. 256KiB, 4MiB (4 x 2^20 bytes) or 4MB \
+             (4 x 10^6 bytes)"
+        ),
+    })?;
+    T::try_from(bytes).map_err(|_| too_large())
+}
+
+/// What a masked credential looks like in logs, errors and `Debug` output.
+pub const REDACTED: &str = "****";
+
+/// Query parameters that carry credentials in libpq, redis and NATS URLs.
+const CREDENTIAL_PARAMS: &[&str] = &["password", "sslpassword", "pass", "auth", "token", "secret"];
+
+/// Schemes where a user without a password is itself a secret (`nats://<token>@host`).
+const TOKEN_IN_USER_SCHEMES: &[&str] = &["nats", "tls", "ws", "wss"];
+
+/// `raw` with every credential replaced by [`REDACTED`], for `Debug` output, logs and error
+/// messages: the userinfo password, a NATS token in the user part, and credential query
+/// parameters (`?password=`, `?token=`, ...). A value that does not parse as a URL is not shown at
+/// all, since there is no telling where a credential in it would be.
+pub fn redact_url(raw: &str) -> String {
+    // An opaque URL (`app:s3cret@db`, no `//`) has no userinfo to mask: the secret would be in
+    // its path.
+    let Some(mut url) = url::Url::parse(raw)
+        .ok()
+        .filter(|url| !url.cannot_be_a_base())
+    else {
+        return match raw.split_once("://") {
+            Some((scheme, _))
+                if scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+') =>
+            {
+                format!("{scheme}://<not a URL, hidden>")
+            }
+            _ => "<not a URL, hidden>".to_owned(),
+        };
     };
-    value
-        .checked_mul(multiplier)
-        .and_then(|bytes| usize::try_from(bytes).ok())
-        .ok_or_else(|| format!("{raw:?} is too large"))
+    // `set_password` and `set_username` fail only for URLs that cannot have userinfo, and
+    // those have nothing to hide there.
+    if url.password().is_some() {
+        let _ = url.set_password(Some(REDACTED));
+    } else if !url.username().is_empty() && TOKEN_IN_USER_SCHEMES.contains(&url.scheme()) {
+        let _ = url.set_username(REDACTED);
+    }
+    let is_credential = |key: &str| CREDENTIAL_PARAMS.contains(&key.to_ascii_lowercase().as_str());
+    if url.query_pairs().any(|(key, _)| is_credential(&key)) {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if is_credential(&key) {
+                    REDACTED.into()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 #[cfg(test)]
@@ -606,33 +689,125 @@ pub fn parse_byte_size(raw: &str) -> Result<usize, String> {
 mod tests {
     use super::*;
 
+    /// Checks that `raw` parses as a duration of `expected`, or fails with `expected`'s text in
+    /// the message.
+    fn check_duration(raw: &str, expected: Result<Duration, &str>) {
+        match (parse_duration(raw), expected) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want, "{raw}"),
+            (Err(got), Err(want)) => assert!(got.contains(want), "{raw}: {got}"),
+            (got, want) => panic!("{raw}: got {got:?}, want {want:?}"),
+        }
+    }
+
     #[test]
     fn durations_parse_with_units() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("ms").is_err());
+        const DAY: u64 = 86_400;
+        check_duration("250ms", Ok(Duration::from_millis(250)));
+        check_duration("5s", Ok(Duration::from_secs(5)));
+        check_duration(" 2m ", Ok(Duration::from_secs(120)));
+        check_duration("1h", Ok(Duration::from_secs(3600)));
+        check_duration("1h30m", Ok(Duration::from_secs(5400)));
+        check_duration("1h 30m", Ok(Duration::from_secs(5400)));
+        check_duration("90d", Ok(Duration::from_secs(90 * DAY)));
+        check_duration("2w", Ok(Duration::from_secs(14 * DAY)));
+        check_duration("7", Ok(Duration::from_secs(7)));
+        check_duration("0", Ok(Duration::ZERO));
+        check_duration("10y", Ok(MAX_DURATION));
+        check_duration("5 parsecs", Err("is not a duration"));
+        check_duration("ms", Err("is not a duration"));
+        check_duration("", Err("is not a duration"));
+        check_duration("-5s", Err("is not a duration"));
+    }
+
+    #[test]
+    fn huge_durations_are_refused_not_overflowed() {
+        for raw in [
+            "3653d",
+            "11y",
+            "315576001",
+            "18446744073709551615s",
+            "18446744073709551615h",
+            "99999999999999999999999",
+            "99999999999999999999999w",
+        ] {
+            check_duration(raw, Err("is too long; at most 10y"));
+        }
     }
 
     #[test]
     fn byte_sizes_parse_with_units() {
-        assert_eq!(parse_byte_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_byte_size("512B"), Ok(512));
-        assert_eq!(parse_byte_size("256KiB"), Ok(256 << 10));
-        assert_eq!(parse_byte_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_byte_size("1 mib"), Ok(1 << 20));
-        assert_eq!(parse_byte_size("2m"), Ok(2 << 20));
-        assert_eq!(parse_byte_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_byte_size("500kB"), Ok(500_000));
-        assert_eq!(parse_byte_size("1MB"), Ok(1_000_000));
-        assert!(parse_byte_size("MiB").is_err());
-        assert!(parse_byte_size("-1").is_err());
-        assert!(parse_byte_size("1.5MiB").is_err());
-        assert!(parse_byte_size("1 parsec").is_err());
-        assert!(parse_byte_size("99999999999999999999GiB").is_err());
-        assert!(parse_byte_size("18446744073709551615GiB").is_err());
+        assert_eq!(parse_byte_size::<u64>("1048576"), Ok(1 << 20));
+        assert_eq!(parse_byte_size::<u64>("512B"), Ok(512));
+        assert_eq!(parse_byte_size::<u64>("256KiB"), Ok(256 << 10));
+        assert_eq!(parse_byte_size::<u64>("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_byte_size::<u64>(" 1 mib "), Ok(1 << 20));
+        assert_eq!(parse_byte_size::<u64>("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_byte_size::<u64>("1.5KiB"), Ok(1536));
+        // Without an `i`, prefixes are powers of 1000, whatever the case.
+        assert_eq!(parse_byte_size::<u64>("500kB"), Ok(500_000));
+        assert_eq!(parse_byte_size::<u64>("4MB"), Ok(4_000_000));
+        assert_eq!(parse_byte_size::<u64>("4mb"), Ok(4_000_000));
+        assert_eq!(parse_byte_size::<u64>("2m"), Ok(2_000_000));
+        assert_eq!(parse_byte_size::<u64>("1G"), Ok(1_000_000_000));
+        for raw in ["", "MiB", "-1", "1 parsec", "4 MiBs", "0x10"] {
+            let err = parse_byte_size::<u64>(raw).unwrap_err();
+            assert!(err.contains("is not a size"), "{raw}: {err}");
+        }
+    }
+
+    #[test]
+    fn huge_byte_sizes_are_refused_not_wrapped() {
+        for raw in [
+            "99999999999999999999",
+            "99999999999999999999GiB",
+            "18446744073709551615GiB",
+            "16EiB",
+            "18446744073709551616",
+        ] {
+            let err = parse_byte_size::<u64>(raw).unwrap_err();
+            assert!(err.contains("is too large"), "{raw}: {err}");
+        }
+        assert_eq!(parse_byte_size::<u64>("18446744073709551615"), Ok(u64::MAX));
+        // What fits u64 but not the setting's type is refused too.
+        let err = parse_byte_size::<u32>("4GiB").unwrap_err();
+        assert!(err.contains("is too large"), "{err}");
+        assert_eq!(parse_byte_size::<u32>("4294967295"), Ok(u32::MAX));
+    }
+
+    fn check_redacted(raw: &str, expected: &str) {
+        assert_eq!(redact_url(raw), expected, "{raw}");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        check_redacted(
+            "postgres://app:s3cret@db:5432/shop",
+            "postgres://app:****@db:5432/shop",
+        );
+        check_redacted("postgres://app@db/shop", "postgres://app@db/shop");
+        check_redacted(
+            "postgres://app@db/shop?sslmode=require&PassWord=s3cret",
+            "postgres://app@db/shop?sslmode=require&PassWord=****",
+        );
+        check_redacted("redis://:s3cret@cache:6379/0", "redis://:****@cache:6379/0");
+        check_redacted("nats://user:s3cret@bus:4222", "nats://user:****@bus:4222");
+        // A lone user part of a NATS URL is a token.
+        check_redacted("nats://s3cret@bus:4222", "nats://****@bus:4222");
+        check_redacted("tls://s3cret@bus:4222", "tls://****@bus:4222");
+        check_redacted("nats://bus:4222?token=s3cret", "nats://bus:4222?token=****");
+        check_redacted("nats://127.0.0.1:4222", "nats://127.0.0.1:4222");
+        // An unencoded `@` in the password still ends up masked as a whole.
+        check_redacted(
+            "postgres://app:s3@cret@db/shop",
+            "postgres://app:****@db/shop",
+        );
+        // What does not parse is not shown.
+        check_redacted(
+            "postgres://app:s3cret@db:port/shop",
+            "postgres://<not a URL, hidden>",
+        );
+        check_redacted("app:s3cret@db", "<not a URL, hidden>");
+        check_redacted("s3cret", "<not a URL, hidden>");
     }
 
     #[test]
@@ -927,7 +1102,7 @@ mod tests {
         assert_eq!(cli.listen.trusted_proxy_networks().unwrap().len(), 2);
         assert_eq!(cli.listen.http_body_limit, 256 * 1024);
         let err = Cli::try_parse_from(["keel", "--http-body-limit", "1 parsec"]).unwrap_err();
-        assert!(err.to_string().contains("unknown unit"), "{err}");
+        assert!(err.to_string().contains("is not a size"), "{err}");
 
         // A secret is only ever a file: there is no flag that takes the token itself.
         assert!(Cli::try_parse_from(["keel", "--metrics-token", "x"]).is_err());

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use keel_config::{ConfigError, parse_duration};
+use keel_config::{ConfigError, parse_byte_size, parse_duration};
 
 /// The limits every tenant's API key is held to, read from flags or `KEEL_LIMIT_*` variables.
 ///
@@ -32,14 +32,14 @@ pub struct LimitsConfig {
         default_value_t = 32
     )]
     pub concurrency: u32,
-    /// Largest request body of one call (e.g. 4MiB, 512KiB, 65536), gRPC framing included;
-    /// for a client-streaming call, all its messages together.
+    /// Largest request body of one call (e.g. 4MiB, 512KiB, 65536; MB is 10^6 bytes, MiB 2^20),
+    /// gRPC framing included; for a client-streaming call, all its messages together.
     #[arg(
         id = "limit_message_bytes",
         long = "limit-message-bytes",
         env = "KEEL_LIMIT_MESSAGE_BYTES",
         default_value = "4MiB",
-        value_parser = parse_bytes
+        value_parser = parse_byte_size::<u64>
     )]
     pub message_bytes: u64,
     /// How long a server-streaming response may run before it is ended (the client reconnects).
@@ -104,7 +104,7 @@ pub struct FleetLimitsConfig {
         long = "fleet-limit-message-bytes",
         env = "KEEL_FLEET_LIMIT_MESSAGE_BYTES",
         default_value = "16MiB",
-        value_parser = parse_bytes
+        value_parser = parse_byte_size::<u64>
     )]
     pub message_bytes: u64,
     /// How long a server-streaming response to a fleet caller may run before it is ended.
@@ -217,31 +217,6 @@ impl LimitsConfig {
     }
 }
 
-/// Parses a byte count such as `65536`, `512KiB`, `4MiB` or `1GiB` (binary units only, so
-/// `4MiB` is what tonic's own 4 MiB message limit means).
-pub fn parse_bytes(raw: &str) -> Result<u64, String> {
-    let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (digits, unit) = raw.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a size; write e.g. 65536, 512KiB or 4MiB"))?;
-    let factor: u64 = match unit.trim_start() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {raw:?}; use B, KiB, MiB or GiB"
-            ));
-        }
-    };
-    value
-        .checked_mul(factor)
-        .ok_or_else(|| format!("{raw:?} is too large"))
-}
-
 /// Writes `duration` the way [`parse_duration`] reads it, in the largest exact unit
 /// (`1h`, `90s`, `300ms`), so messages quote the limit as it was configured.
 pub(crate) fn format_duration(duration: Duration) -> String {
@@ -337,8 +312,13 @@ mod tests {
                 stream_duration: Duration::from_millis(300),
             }
         );
-        let err = parse(&["--limit-message-bytes=4MB"]).expect_err("MB is not a unit");
-        assert!(err.to_string().contains("unknown unit \"MB\""), "{err}");
+        // The workspace's one size syntax: MB is 10^6 bytes, as for every other size setting.
+        let config = parse(&["--limit-message-bytes=4MB"]).expect("MB is a unit");
+        assert_eq!(config.message_bytes, 4_000_000);
+        let err = parse(&["--limit-message-bytes=4 parsecs"]).expect_err("not a size");
+        assert!(err.to_string().contains("is not a size"), "{err}");
+        let err = parse(&["--limit-stream-duration=99999999999h"]).expect_err("too long");
+        assert!(err.to_string().contains("is too long"), "{err}");
     }
 
     fn check(change: impl FnOnce(&mut LimitsConfig), expected: Result<(), &str>) {
@@ -374,20 +354,6 @@ mod tests {
             |c| c.stream_duration = Duration::ZERO,
             Err("--limit-stream-duration / KEEL_LIMIT_STREAM_DURATION: must be longer than zero"),
         );
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_bytes("65536"), Ok(65536));
-        assert_eq!(parse_bytes("100B"), Ok(100));
-        assert_eq!(parse_bytes("512KiB"), Ok(512 * 1024));
-        assert_eq!(parse_bytes(" 4MiB "), Ok(4 * 1024 * 1024));
-        assert_eq!(parse_bytes("4 MiB"), Ok(4 * 1024 * 1024));
-        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
-        assert!(parse_bytes("").is_err());
-        assert!(parse_bytes("MiB").is_err());
-        assert!(parse_bytes("4mb").is_err());
-        assert!(parse_bytes("99999999999999GiB").is_err());
     }
 
     #[test]

@@ -31,5 +31,5 @@ mod config;
 mod layer;
 mod metrics;
 
-pub use config::{FleetLimitsConfig, LimitsConfig, parse_bytes};
+pub use config::{FleetLimitsConfig, LimitsConfig};
 pub use layer::{LimitsLayer, LimitsService, RETRY_AFTER_MS};

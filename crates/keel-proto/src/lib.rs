@@ -8,6 +8,8 @@ pub mod v1 {
     tonic::include_proto!("keel.v1");
 }
 
+mod debug;
+
 /// Encoded `FileDescriptorSet` of every Keel proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/keel_descriptor.bin"));

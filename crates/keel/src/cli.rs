@@ -311,7 +311,7 @@ pub(crate) enum AdminCommand {
         /// key's client certificate must carry this name.
         #[arg(long)]
         name: String,
-        /// Lifetime, e.g. 90d is written 2160h; never expires when unset.
+        /// Lifetime, e.g. 90d, 2w or 12h (at most 10y); never expires when unset.
         #[arg(long, value_parser = parse_duration)]
         expires_in: Option<Duration>,
         #[command(flatten)]
@@ -415,5 +415,48 @@ mod tests {
                 "{args:?}"
             );
         }
+    }
+
+    fn create_key(expires_in: &str) -> Result<Option<Duration>, clap::Error> {
+        let cli = Cli::try_parse_from([
+            "keel",
+            "admin",
+            "create-key",
+            "--role",
+            "viewer",
+            "--name",
+            "ci",
+            "--expires-in",
+            expires_in,
+        ])?;
+        match cli.command {
+            Command::Admin(AdminCommand::CreateKey { expires_in, .. }) => Ok(expires_in),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn keys_expire_in_days_and_weeks() {
+        const DAY: u64 = 86_400;
+        for (raw, days) in [("90d", 90), ("2w", 14), ("1d12h", 1)] {
+            let got = create_key(raw).expect(raw).expect("a lifetime");
+            assert_eq!(got.as_secs() / DAY, days, "{raw}");
+        }
+        assert_eq!(
+            create_key("36h").expect("hours").map(|d| d.as_secs()),
+            Some(36 * 3600)
+        );
+        let err = create_key("1000000000000d").expect_err("too long");
+        assert!(err.to_string().contains("is too long"), "{err}");
+        let err = create_key("90 days and a bit").expect_err("not a duration");
+        assert!(err.to_string().contains("is not a duration"), "{err}");
+        // --help promises what the parser takes.
+        let help = Cli::command()
+            .find_subcommand_mut("admin")
+            .and_then(|admin| admin.find_subcommand_mut("create-key"))
+            .expect("admin create-key")
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("e.g. 90d, 2w or 12h"), "{help}");
     }
 }

@@ -34,10 +34,16 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
         } => {
             let (scope, role) = scope_and_role(tenant, fleet, role)?;
             let store = key_store(&database).await?;
+            // The parser caps durations, but the clock arithmetic is checked anyway: an
+            // overflow here would panic.
             let expires_at = expires_in
-                .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() + d))
-                .transpose()
-                .context("--expires-in is too long")?;
+                .map(|d| {
+                    chrono::Duration::from_std(d)
+                        .ok()
+                        .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                        .context("--expires-in is too long; at most 10y is accepted")
+                })
+                .transpose()?;
             let created = store
                 .create_key(
                     keel_auth::NewKey {

@@ -36,7 +36,7 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
             ..Filter::default()
         })?,
     };
-    let server = keel_bus::masked_url(&nats.url);
+    let server = keel_config::redact_url(&nats.url);
     // What the server refused (a permission, typically): requests it drops only time out, and
     // the reason arrives on its own as an error event.
     let refused = Arc::new(Mutex::new(None::<String>));
