@@ -42,6 +42,10 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
     let options = PgConnectOptions::from_str(config.url.expose_secret())
         .map_err(StoreError::InvalidUrl)?
         .application_name("keel")
+        .options([
+            ("statement_timeout", millis(config.statement_timeout)),
+            ("lock_timeout", millis(config.lock_timeout)),
+        ])
         // Statement logging would put instance data into logs at INFO; keep it for debugging only.
         .log_statements(tracing::log::LevelFilter::Debug);
     let pool = PgPoolOptions::new()
@@ -56,6 +60,10 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
     Ok(pool)
 }
 
+fn millis(duration: std::time::Duration) -> String {
+    duration.as_millis().max(1).to_string()
+}
+
 /// Creates `schema` if needed and applies `migrator` inside it.
 ///
 /// Migrations run on a dedicated connection whose `search_path` is the schema, so
@@ -68,6 +76,11 @@ pub async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> Result
     let mut conn = PgConnection::connect_with(&options)
         .await
         .map_err(StoreError::Connect)?;
+    // DDL on a big table may outlast the pool's statement_timeout, and replicas starting
+    // together wait on sqlx's migration lock for as long as the first one migrates.
+    sqlx::raw_sql("SET statement_timeout = 0; SET lock_timeout = 0")
+        .execute(&mut conn)
+        .await?;
     create_schema(&mut conn, schema).await?;
     sqlx::query(&format!("SET search_path TO {schema}"))
         .execute(&mut conn)
