@@ -100,6 +100,23 @@ impl TestApp {
     /// A registry whose outbox nobody publishes: the state after a relay died between
     /// a commit and its publish.
     pub async fn start_without_relay() -> TestApp {
+        // Most tests register the harness's own database; the policy tests use `start_with`.
+        let targets = keel_target::TargetConfig {
+            allow_state_store: true,
+            ..Default::default()
+        };
+        Self::start_with(&targets).await
+    }
+
+    /// A registry (with a relay) under the target policy of `targets`, protecting its own
+    /// state-store database.
+    pub async fn start_with_targets(targets: &keel_target::TargetConfig) -> TestApp {
+        let app = Self::start_with(targets).await;
+        app.spawn_relay();
+        app
+    }
+
+    async fn start_with(targets: &keel_target::TargetConfig) -> TestApp {
         let ring = key_ring(K1);
         let env = keel_testkit::TestEnv::new();
         let db = env.database().await.expect("test database");
@@ -139,6 +156,9 @@ impl TestApp {
             ring,
             RegistryConfig {
                 check_timeout: Duration::from_secs(3),
+                targets: targets
+                    .connector("registry", Some(&SecretString::from(db.url.clone())))
+                    .expect("target policy"),
             },
         );
         let routes = tonic::service::Routes::new(keel_registry::grpc_service(
