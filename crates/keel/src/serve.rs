@@ -22,6 +22,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     args.nats.validate()?;
     args.listen.validate()?;
     args.limits.validate()?;
+    // The state store is never a target unless explicitly allowed.
+    let targets = args
+        .targets
+        .connector("registry", Some(&args.database.url))?;
     keel_auth::validate_tenant(&args.bootstrap_tenant)
         .context("--bootstrap-tenant / KEEL_BOOTSTRAP_TENANT")?;
     if args.service_keys_require_client_cert && args.listen.tls_client_ca_file.is_none() {
@@ -105,6 +109,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ring,
         RegistryConfig {
             check_timeout: args.check_timeout,
+            targets,
         },
     );
     // One limits layer for the process: a key's budget covers all the services it calls.
