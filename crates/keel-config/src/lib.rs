@@ -57,6 +57,14 @@ pub struct DatabaseConfig {
     /// How long to wait for a free connection before failing a request.
     #[arg(id = "database_acquire_timeout", long = "database-acquire-timeout", env = "KEEL_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub acquire_timeout: Duration,
+    /// `statement_timeout` of Keel's sessions on the state store: a runaway query fails instead
+    /// of holding a connection (migrations lift it on their own connection).
+    #[arg(id = "database_statement_timeout", long = "database-statement-timeout", env = "KEEL_DATABASE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub statement_timeout: Duration,
+    /// `lock_timeout` of Keel's sessions on the state store: a blocked write fails instead of
+    /// queueing every request behind it.
+    #[arg(id = "database_lock_timeout", long = "database-lock-timeout", env = "KEEL_DATABASE_LOCK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub lock_timeout: Duration,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -76,6 +84,8 @@ impl DatabaseConfig {
             url: SecretString::from(url.into()),
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(10),
         }
     }
 
@@ -103,6 +113,24 @@ impl DatabaseConfig {
                 setting: "--database-max-connections / KEEL_DATABASE_MAX_CONNECTIONS",
                 reason: "must be at least 1".into(),
             });
+        }
+        for (setting, value) in [
+            (
+                "--database-statement-timeout / KEEL_DATABASE_STATEMENT_TIMEOUT",
+                self.statement_timeout,
+            ),
+            (
+                "--database-lock-timeout / KEEL_DATABASE_LOCK_TIMEOUT",
+                self.lock_timeout,
+            ),
+        ] {
+            // Zero would turn the PostgreSQL timeout off rather than make it immediate.
+            if value < Duration::from_millis(1) {
+                return Err(ConfigError::Invalid {
+                    setting,
+                    reason: "must be at least 1ms".into(),
+                });
+            }
         }
         Ok(())
     }

@@ -1,14 +1,14 @@
 //! `CheckInstance`: connects to the database now and reports what Keel needs from it.
 
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use keel_proto::v1::{CheckFinding, CheckStatus, Engine, InstanceRole};
+use keel_target::{Connector, TargetError};
 use secrecy::ExposeSecret;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgConnection};
+use sqlx::Connection;
 
 use crate::connection::{ConnectionUrl, scrub};
+use crate::service::RegistryConfig;
 use crate::store::Health;
 
 /// What a probe found.
@@ -41,16 +41,28 @@ impl Report {
     }
 }
 
-/// Probes the instance behind `url`, giving up after `timeout`.
-pub(crate) async fn probe(engine: Engine, url: &ConnectionUrl, timeout: Duration) -> Report {
+/// Probes the instance behind `url` through the target policy, giving up after the check timeout.
+pub(crate) async fn probe(engine: Engine, url: &ConnectionUrl, config: &RegistryConfig) -> Report {
+    let timeout = config.check_timeout;
+    let targets = &config.targets;
     let outcome = match engine {
-        Engine::Redis => tokio::time::timeout(timeout, probe_redis(url)).await,
-        _ => tokio::time::timeout(timeout, probe_postgres(url)).await,
+        Engine::Redis => tokio::time::timeout(timeout, probe_redis(url, targets)).await,
+        _ => tokio::time::timeout(timeout, probe_postgres(url, targets)).await,
     };
-    let error = match outcome {
+    let (error, fix) = match outcome {
         Ok(Ok(report)) => return report,
-        Ok(Err(error)) => scrub(&error, &url.secrets),
-        Err(_) => format!("no answer within {}s", timeout.as_secs_f32()),
+        // Refused at connect time, on the resolved address: say which setting would allow it.
+        Ok(Err(Failure::Target(TargetError::Denied(denied)))) => {
+            (denied.to_string(), denied.remedy())
+        }
+        Ok(Err(failure)) => (
+            scrub(&failure.to_string(), &url.secrets),
+            "check the host, port and credentials of connection_url, and that the server accepts connections from Keel's address".to_owned(),
+        ),
+        Err(_) => (
+            format!("no answer within {}s", timeout.as_secs_f32()),
+            "check the host, port and credentials of connection_url, and that the server accepts connections from Keel's address".to_owned(),
+        ),
     };
     Report {
         health: Health {
@@ -60,13 +72,17 @@ pub(crate) async fn probe(engine: Engine, url: &ConnectionUrl, timeout: Duration
             error: error.clone(),
             latency: None,
         },
-        findings: vec![finding(
-            "connection",
-            CheckStatus::Missing,
-            error,
-            "check the host, port and credentials of connection_url, and that the server accepts connections from Keel's address",
-        )],
+        findings: vec![finding("connection", CheckStatus::Missing, error, fix)],
     }
+}
+
+/// Why a probe found nothing.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("{0}")]
+    Query(String),
 }
 
 fn finding(
@@ -83,19 +99,13 @@ fn finding(
     }
 }
 
-async fn probe_postgres(url: &ConnectionUrl) -> Result<Report, String> {
-    let options = PgConnectOptions::from_str(url.clear.expose_secret())
-        .map_err(|e| format!("invalid connection URL: {e}"))?
-        .application_name("keel-check")
-        .disable_statement_logging();
-    let mut conn = PgConnection::connect_with(&options)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn probe_postgres(url: &ConnectionUrl, targets: &Connector) -> Result<Report, Failure> {
+    let mut conn = targets.connect_postgres(url.clear.expose_secret()).await?;
     let started = Instant::now();
     sqlx::query("SELECT 1")
         .execute(&mut conn)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::Query(e.to_string()))?;
     let latency = started.elapsed();
 
     let (version, in_recovery, database, preload): (String, bool, String, String) = sqlx::query_as(
@@ -104,18 +114,18 @@ async fn probe_postgres(url: &ConnectionUrl) -> Result<Report, String> {
     )
     .fetch_one(&mut conn)
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Failure::Query(e.to_string()))?;
     let pgss: Option<String> = sqlx::query_scalar(
         "SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'",
     )
     .fetch_optional(&mut conn)
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Failure::Query(e.to_string()))?;
     let hypopg: Option<(Option<String>, Option<String>)> =
         sqlx::query_as("SELECT default_version, installed_version FROM pg_available_extensions WHERE name = 'hypopg'")
             .fetch_optional(&mut conn)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failure::Query(e.to_string()))?;
     let _ = conn.close().await;
 
     let major = version.split(['.', ' ']).next().unwrap_or("15").to_owned();
@@ -161,23 +171,25 @@ async fn probe_postgres(url: &ConnectionUrl) -> Result<Report, String> {
     Ok(Report::reachable(version, in_recovery, latency, findings))
 }
 
-async fn probe_redis(url: &ConnectionUrl) -> Result<Report, String> {
-    let client = redis::Client::open(url.clear.expose_secret())
-        .map_err(|e| format!("invalid connection URL: {e}"))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| e.to_string())?;
+async fn probe_redis(url: &ConnectionUrl, targets: &Connector) -> Result<Report, Failure> {
+    let mut conn = targets.connect_redis(url.clear.expose_secret()).await?;
     let started = Instant::now();
     let _: String = redis::cmd("PING")
         .query_async(&mut conn)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::Query(e.to_string()))?;
     let latency = started.elapsed();
-    let info: String = redis::cmd("INFO")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Only the sections the check reads, so the replies stay small (one section per call:
+    // INFO with several sections needs Redis 7).
+    let mut info = String::new();
+    for section in ["server", "memory", "replication", "cluster"] {
+        let part: String = redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Failure::Query(e.to_string()))?;
+        info.push_str(&part);
+    }
     let field = |name: &str| {
         info.lines()
             .find_map(|line| {

@@ -41,13 +41,19 @@ pub struct RegistryConfig {
     pub check_timeout: Duration,
     /// Root of the deployment's event subjects (`--nats-subject-root`).
     pub subjects: keel_bus::SubjectRoot,
+    /// Where instances may point, and how the registry connects to them (`keel-registry`).
+    pub targets: keel_target::Connector,
 }
 
 impl Default for RegistryConfig {
+    /// A 5 s check and the default target policy, without a state store to protect.
     fn default() -> Self {
         Self {
             check_timeout: Duration::from_secs(5),
             subjects: keel_bus::SubjectRoot::default(),
+            targets: keel_target::TargetConfig::default()
+                .connector("registry", None)
+                .unwrap_or_else(|_| unreachable!("the default target settings are valid")),
         }
     }
 }
@@ -206,6 +212,7 @@ impl RegistryService for Registry {
             validate::name(&instance.name)?;
             let engine = validate::engine(instance.engine)?;
             let url = connection::parse(engine, &instance.connection_url)?;
+            validate::target(&self.config.targets, &url)?;
             validate::environment(&instance.environment)?;
             let labels = labels_of(&instance.labels)?;
             validate::monitoring_endpoints(&instance.monitoring_endpoints)?;
@@ -364,7 +371,9 @@ impl RegistryService for Registry {
                 changes.name = Some(instance.name.clone());
             }
             if has("connection_url") {
-                changes.url = Some(connection::parse(engine, &instance.connection_url)?);
+                let url = connection::parse(engine, &instance.connection_url)?;
+                validate::target(&self.config.targets, &url)?;
+                changes.url = Some(url);
             }
             if has("environment") {
                 validate::environment(&instance.environment)?;
@@ -427,7 +436,7 @@ impl RegistryService for Registry {
         let (clear, instance) = self.store.connection(&principal.scope, id).await?;
         let engine = Engine::try_from(instance.engine).unwrap_or(Engine::Unspecified);
         let url = connection::parse(engine, clear.expose_secret()).map_err(RegistryError::from)?;
-        let report = probe::probe(engine, &url, self.config.check_timeout).await;
+        let report = probe::probe(engine, &url, &self.config).await;
         let checked = self
             .store
             .record_health(&principal.scope, id, &report.health)

@@ -166,6 +166,21 @@ fn label_value(key: &str, value: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The connection URL must point where the target policy lets Keel connect; the refusal names
+/// the rule and the setting that would allow it.
+pub(crate) fn target(
+    targets: &keel_target::Connector,
+    url: &crate::connection::ConnectionUrl,
+) -> Result<(), Invalid> {
+    use secrecy::ExposeSecret;
+    targets.check_url(url.clear.expose_secret()).map_err(|e| {
+        Invalid::new(
+            "connection_url",
+            crate::connection::scrub(&e.to_string(), &url.secrets),
+        )
+    })
+}
+
 /// Monitoring endpoints are plain http(s) URLs without credentials.
 pub(crate) fn monitoring_endpoints(endpoints: &[MonitoringEndpoint]) -> Result<(), Invalid> {
     if endpoints.len() > MAX_ENDPOINTS {

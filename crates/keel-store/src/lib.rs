@@ -58,6 +58,10 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
     let options = PgConnectOptions::from_str(config.url.expose_secret())
         .map_err(StoreError::InvalidUrl)?
         .application_name("keel")
+        .options([
+            ("statement_timeout", millis(config.statement_timeout)),
+            ("lock_timeout", millis(config.lock_timeout)),
+        ])
         // Statement logging would put instance data into logs at INFO; keep it for debugging only.
         .log_statements(tracing::log::LevelFilter::Debug);
     let target = options.clone();
@@ -93,6 +97,10 @@ fn connect_error(error: sqlx::Error, target: &PgConnectOptions) -> StoreError {
     }
 }
 
+fn millis(duration: std::time::Duration) -> String {
+    duration.as_millis().max(1).to_string()
+}
+
 /// Creates `schema` if needed and applies `migrator` inside it.
 ///
 /// Migrations run on a dedicated connection whose `search_path` is the schema, so
@@ -109,7 +117,14 @@ pub async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> Result
         .clone()
         // `IF NOT EXISTS` answers every start after the first with NOTICEs ("already exists,
         // skipping") that sqlx logs at INFO: noise, on this session only. Warnings still show.
-        .options([("search_path", schema), ("client_min_messages", "warning")]);
+        // DDL on a big table may outlast the pool's statement_timeout, and replicas starting
+        // together wait on sqlx's migration lock for as long as the first one migrates.
+        .options([
+            ("search_path", schema),
+            ("client_min_messages", "warning"),
+            ("statement_timeout", "0"),
+            ("lock_timeout", "0"),
+        ]);
     let migrations = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(options)

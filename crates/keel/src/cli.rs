@@ -67,6 +67,8 @@ pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) fleet_limits: keel_limits::FleetLimitsConfig,
     #[command(flatten)]
+    pub(crate) targets: keel_target::TargetConfig,
+    #[command(flatten)]
     pub(crate) encryption: EncryptionArgs,
     /// File holding an admin API key to register at start (e.g. a mounted Kubernetes Secret),
     /// so a new deployment can be used without `keel admin create-key`.
@@ -145,6 +147,12 @@ pub(crate) struct ClientArgs {
     /// Name the server certificate must carry, when it differs from the endpoint's host.
     #[arg(long = "tls-server-name", env = "KEEL_TLS_SERVER_NAME", global = true)]
     pub(crate) tls_server_name: Option<String>,
+    /// Longest wait for Keel to answer one request (a stream: its first message).
+    #[arg(long, env = "KEEL_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub(crate) timeout: Duration,
+    /// Longest wait for the connection to Keel.
+    #[arg(long = "connect-timeout", env = "KEEL_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
+    pub(crate) connect_timeout: Duration,
 }
 
 /// How results are printed.

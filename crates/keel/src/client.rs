@@ -93,7 +93,9 @@ pub(crate) async fn registry(args: &ClientArgs) -> anyhow::Result<Registry> {
                 args.endpoint
             )
         })?
-        .connect_timeout(std::time::Duration::from_secs(5));
+        .connect_timeout(args.connect_timeout)
+        // Per request, up to the response headers: a stream's messages are not cut off by it.
+        .timeout(args.timeout);
     if let Some(tls) = tls_config(args)? {
         endpoint = endpoint.tls_config(tls).context("cannot set up TLS")?;
     }

@@ -25,6 +25,10 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             match status_of(&error) {
+                // tonic's own text for a request that outlived Endpoint::timeout.
+                Some(status) if status.message().contains("Timeout expired") => eprintln!(
+                    "error: Keel did not answer in time; retry, or allow longer with --timeout / KEEL_TIMEOUT"
+                ),
                 Some(status) if is_transport_failure(status) => eprintln!(
                     "error: the connection to Keel failed ({}{}); do the TLS settings match (CA, client certificate)?",
                     status.message(),

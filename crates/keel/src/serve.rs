@@ -14,7 +14,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Everything that can be checked without a network is checked before connecting.
     args.limits.validate()?;
     args.fleet_limits.validate()?;
-    args.fleet_limits.validate()?;
+    // The state store is never a target unless explicitly allowed.
+    let targets = args
+        .targets
+        .connector("registry", Some(&args.database.url))?;
     keel_auth::validate_tenant(&args.bootstrap_tenant)
         .context("--bootstrap-tenant / KEEL_BOOTSTRAP_TENANT")?;
     if args.service_keys_require_client_cert && args.listen.tls_client_ca_file.is_none() {
@@ -68,6 +71,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     ring.clone(),
                     RegistryConfig {
                         check_timeout: args.check_timeout,
+                        targets: targets.clone(),
                         ..RegistryConfig::default()
                     },
                 )

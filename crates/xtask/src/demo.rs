@@ -135,7 +135,7 @@ pub(crate) fn run(options: Options) -> Result<ExitCode> {
         "--engine",
         "postgres",
         "--url",
-        &postgres.url,
+        &demo_target(&postgres.url),
         "--label",
         "env=demo",
     ]))?;
@@ -428,6 +428,21 @@ fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// The local server's `postgres` database: Keel's target policy refuses its own state-store
+/// database (KEEL_TARGET_ALLOW_STATE_STORE), and `postgres` exists on every server.
+fn demo_target(state_store: &str) -> String {
+    let (base, query) = match state_store.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (state_store, String::new()),
+    };
+    match base.rsplit_once('/') {
+        Some((server, _)) if server.contains("://") && !server.ends_with('/') => {
+            format!("{server}/postgres{query}")
+        }
+        _ => format!("{}/postgres{query}", base.trim_end_matches('/')),
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,7 @@ pub async fn serve_registry(
     nats: &NatsConfig,
     ring: Arc<KeyRing>,
     relay: bool,
+    targets: &keel_target::TargetConfig,
 ) -> Served {
     let grpc_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
     let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
@@ -117,6 +118,12 @@ pub async fn serve_registry(
         ring,
         RegistryConfig {
             check_timeout: Duration::from_secs(3),
+            targets: targets
+                .connector(
+                    "registry",
+                    Some(&SecretString::from(database_url.to_owned())),
+                )
+                .expect("target policy"),
             ..RegistryConfig::default()
         },
     ))
@@ -142,6 +149,14 @@ pub async fn serve_registry(
     served
 }
 
+/// Most tests register the harness's own database; the policy tests use `start_with_targets`.
+fn harness_targets() -> keel_target::TargetConfig {
+    keel_target::TargetConfig {
+        allow_state_store: true,
+        ..Default::default()
+    }
+}
+
 /// Limits high enough never to interfere with a test that is not about them.
 pub fn generous_limits() -> keel_limits::LimitsConfig {
     keel_limits::LimitsConfig {
@@ -163,7 +178,21 @@ impl TestApp {
     pub async fn start() -> TestApp {
         let env = keel_testkit::TestEnv::new();
         let nats_url = env.nats_url().await.expect("nats");
-        Self::start_on(env, NatsConfig::from_url(nats_url), true).await
+        Self::start_on(
+            env,
+            NatsConfig::from_url(nats_url),
+            true,
+            &harness_targets(),
+        )
+        .await
+    }
+
+    /// A registry (with a relay) under the target policy of `targets`, protecting its own
+    /// state-store database.
+    pub async fn start_with_targets(targets: &keel_target::TargetConfig) -> TestApp {
+        let env = keel_testkit::TestEnv::new();
+        let nats_url = env.nats_url().await.expect("nats");
+        Self::start_on(env, NatsConfig::from_url(nats_url), true, targets).await
     }
 
     /// A registry whose outbox nobody publishes: the state after a relay died between
@@ -171,17 +200,28 @@ impl TestApp {
     pub async fn start_without_relay() -> TestApp {
         let env = keel_testkit::TestEnv::new();
         let nats_url = env.nats_url().await.expect("nats");
-        Self::start_on(env, NatsConfig::from_url(nats_url), false).await
+        Self::start_on(
+            env,
+            NatsConfig::from_url(nats_url),
+            false,
+            &harness_targets(),
+        )
+        .await
     }
 
     /// A registry (with its relay) on `nats`: another server, user, stream or subject root.
     pub async fn start_with_nats(nats: NatsConfig) -> TestApp {
-        Self::start_on(keel_testkit::TestEnv::new(), nats, true).await
+        Self::start_on(keel_testkit::TestEnv::new(), nats, true, &harness_targets()).await
     }
 
-    async fn start_on(env: keel_testkit::TestEnv, nats: NatsConfig, relay: bool) -> TestApp {
+    async fn start_on(
+        env: keel_testkit::TestEnv,
+        nats: NatsConfig,
+        relay: bool,
+        targets: &keel_target::TargetConfig,
+    ) -> TestApp {
         let db = env.database().await.expect("test database");
-        let served = serve_registry(&db.url, &nats, key_ring(K1), relay).await;
+        let served = serve_registry(&db.url, &nats, key_ring(K1), relay, targets).await;
         TestApp {
             env,
             pool: served.pool.clone(),
@@ -204,7 +244,14 @@ impl TestApp {
 
     /// Another registry replica on the same state store and NATS, with its own key ring.
     pub async fn replica(&self, ring: Arc<KeyRing>) -> Served {
-        serve_registry(&self.database_url, &self.nats, ring, true).await
+        serve_registry(
+            &self.database_url,
+            &self.nats,
+            ring,
+            true,
+            &harness_targets(),
+        )
+        .await
     }
 
     /// The clear key for (tenant, role), created on first use.
