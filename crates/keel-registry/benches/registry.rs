@@ -1181,6 +1181,15 @@ fn print_references(
     ] {
         let (keel, keel_cpu) = median(keel_op)?;
         let (document, document_cpu) = median(document_op)?;
+        // No document call started after the warm-up: a window shorter than one call, not a
+        // result, and never a MET.
+        if document == 0.0 {
+            println!(
+                "{name} / document {name}: NOT MEASURED, no document {name} started in the window \
+                 (raise KEEL_BENCH_SECS)"
+            );
+            continue;
+        }
         let multiple = keel / document;
         println!(
             "{name} / document {name} = {multiple:.0}x (goal >= {GOAL_DOCUMENT_MULTIPLE:.0}x) {}",
