@@ -430,6 +430,8 @@ mod tests {
             "keel",
             "admin",
             "create-key",
+            "--tenant",
+            "acme",
             "--role",
             "viewer",
             "--name",
