@@ -173,7 +173,10 @@ async fn a_new_key_in_the_ring_file_reaches_a_running_server() {
     let db = env.database().await.expect("database");
     let nats = env.nats_url().await.expect("nats");
     let dir = tempfile::tempdir().expect("tempdir");
-    let keel = Keel::start(&db.url, &nats, &[], dir).await;
+    // The check needs a real PostgreSQL to reach: the test's own database, which the target
+    // policy refuses unless told otherwise.
+    let allow_state_store = [("KEEL_TARGET_ALLOW_STATE_STORE", "true")];
+    let keel = Keel::start(&db.url, &nats, &allow_state_store, dir).await;
 
     let added = keel.cli(&[
         "instance",
