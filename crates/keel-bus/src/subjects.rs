@@ -190,24 +190,33 @@ mod tests {
         for bad in [
             "", "a.b", "*", ">", "a b", "$JS", "_INBOX", "a\tb", "ä", too_long,
         ] {
-            let err = root("keel").subject(&CREATED, bad).unwrap_err();
+            let err = root("keel").subject(&CREATED, bad).expect_err("refused");
             assert_eq!((err.part, err.value.as_str()), ("tenant", bad));
             assert!(err.to_string().contains("letters, digits"), "{err}");
-            assert_eq!(SubjectRoot::new(bad).unwrap_err().part, "root");
+            assert_eq!(SubjectRoot::new(bad).expect_err("refused").part, "root");
             let kind = EventKind::new("registry", bad, "created");
             assert_eq!(
-                root("keel").subject(&kind, "acme").unwrap_err().part,
+                root("keel")
+                    .subject(&kind, "acme")
+                    .expect_err("refused")
+                    .part,
                 "entity"
             );
         }
         let kind = EventKind::new("reg.istry", "instance", "created");
         assert_eq!(
-            root("keel").subject(&kind, "acme").unwrap_err().part,
+            root("keel")
+                .subject(&kind, "acme")
+                .expect_err("refused")
+                .part,
             "service"
         );
         let kind = EventKind::new("registry", "instance", ">");
         assert_eq!(
-            root("keel").subject(&kind, "acme").unwrap_err().part,
+            root("keel")
+                .subject(&kind, "acme")
+                .expect_err("refused")
+                .part,
             "verb"
         );
     }
@@ -265,6 +274,9 @@ mod tests {
             tenant: Some("*"),
             ..Filter::default()
         };
-        assert_eq!(root("keel").filter(&wildcard).unwrap_err().part, "tenant");
+        assert_eq!(
+            root("keel").filter(&wildcard).expect_err("refused").part,
+            "tenant"
+        );
     }
 }

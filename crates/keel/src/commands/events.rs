@@ -48,10 +48,10 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
             move |event| {
                 let refused = refused.clone();
                 async move {
-                    if let async_nats::Event::ServerError(error) = event {
-                        if let Ok(mut refused) = refused.lock() {
-                            *refused = Some(error.to_string());
-                        }
+                    if let async_nats::Event::ServerError(error) = event
+                        && let Ok(mut refused) = refused.lock()
+                    {
+                        *refused = Some(error.to_string());
                     }
                 }
             }
@@ -87,13 +87,13 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
         )
         .await
         .map_err(|error| {
-            if let ConsumerErrorKind::JetStream(js) = error.kind() {
-                if js.error_code() == ErrorCode::STREAM_NOT_FOUND {
-                    return anyhow::anyhow!(
-                        "no stream {} on {server}: has `keel serve` run against this NATS with this --nats-stream?",
-                        nats.stream
-                    );
-                }
+            if let ConsumerErrorKind::JetStream(js) = error.kind()
+                && js.error_code() == ErrorCode::STREAM_NOT_FOUND
+            {
+                return anyhow::anyhow!(
+                    "no stream {} on {server}: has `keel serve` run against this NATS with this --nats-stream?",
+                    nats.stream
+                );
             }
             let refused = refused.lock().ok().and_then(|r| r.clone());
             let error = anyhow::Error::new(error);
