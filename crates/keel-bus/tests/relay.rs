@@ -1,6 +1,7 @@
 //! The relay's guarantees against real PostgreSQL and NATS: each key's events in order with
 //! concurrent relays whatever the ids say, a refused event holds back only its own key, dead
-//! letters after repeated refusals, two writes per event, and a listener that comes back.
+//! letters after repeated refusals, two writes per event, a listener that comes back, and a
+//! stuck relay that loses its claim after the lease.
 
 mod common;
 
@@ -378,4 +379,193 @@ async fn a_relay_whose_listen_fails_listens_again() {
         committed_at.elapsed()
     );
     assert_eq!(t.stream_ids().await, [first.id, second.id]);
+}
+
+/// A relay that claimed a batch and then waits forever for JetStream (a network that stopped
+/// delivering) loses its claim after `lease`: PostgreSQL ends its idle transaction, the rows
+/// come back in order, and another relay publishes them; when the stuck relay wakes up, its
+/// late publishes are duplicates that JetStream drops and its commit fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stuck_on_jetstream_loses_its_claim_after_the_lease() {
+    const COUNT: usize = 5;
+    let t = TestBus::start().await;
+    let proxy = FreezingProxy::start(&t.nats_url).await;
+    let stuck_bus = keel_bus::Bus::connect(
+        &keel_config::NatsConfig::from_url(&proxy.url),
+        &keel_bus::StreamSettings::default(),
+    )
+    .await
+    .expect("connect through the proxy");
+    let mut stuck_jetstream = stuck_bus.jetstream().clone();
+    // Far beyond the lease and the test: only the lease can free the rows in time.
+    stuck_jetstream.set_timeout(Duration::from_secs(120));
+    let lease = Duration::from_secs(1);
+    let stuck = keel_bus::Relay::new(
+        t.pool.clone(),
+        t.outbox.clone(),
+        stuck_jetstream,
+        RelayConfig { lease, ..patient() },
+    );
+    let messages: Vec<OutboxMessage> = (0..COUNT as u32)
+        .map(|v| versioned("k", v, Uuid::now_v7()))
+        .collect();
+    t.commit(&messages).await;
+
+    proxy.freeze();
+    let stuck_run = tokio::spawn(async move { stuck.publish_pending().await });
+    let healthy = t.relay();
+    // The claim is held once the stuck relay's transaction waits, idle, for JetStream.
+    let waiting = Instant::now();
+    loop {
+        let idle: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND state = 'idle in transaction'",
+        )
+        .bind(&t.database_name)
+        .fetch_one(&t.pool)
+        .await
+        .expect("read pg_stat_activity");
+        if idle == 1 {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < DEADLINE,
+            "the stuck relay never claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let claimed = Instant::now();
+    // While the stuck relay holds its claim, the rows are skipped, not published twice.
+    assert_eq!(healthy.publish_pending().await.expect("publish"), 0);
+
+    let mut published = 0;
+    while published < COUNT {
+        assert!(
+            claimed.elapsed() < lease + DEADLINE,
+            "the stuck relay's rows never came back"
+        );
+        published += healthy.publish_pending().await.expect("publish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Measured from when the claim was seen, so the lease may have started a little earlier.
+    assert!(
+        claimed.elapsed() >= lease / 2,
+        "rows came back before the lease ran out"
+    );
+    let order: Vec<u32> = t
+        .stream_messages()
+        .await
+        .iter()
+        .map(|m| key_version(m).1)
+        .collect();
+    assert_eq!(order, (0..COUNT as u32).collect::<Vec<_>>());
+
+    proxy.thaw();
+    let outcome = tokio::time::timeout(DEADLINE, stuck_run)
+        .await
+        .expect("the stuck relay finishes once the network is back")
+        .expect("relay task");
+    assert!(
+        outcome.is_err(),
+        "a relay whose session was ended must not report success: {outcome:?}"
+    );
+    assert_eq!(
+        t.stream_len().await,
+        COUNT as u64,
+        "late publishes were de-duplicated"
+    );
+    assert_eq!(t.pending().await, 0);
+}
+
+/// A TCP proxy to NATS that can stop delivering what the client sends, as a network that
+/// drops packets would, while keeping the connection open.
+struct FreezingProxy {
+    url: String,
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
+    _accept: CancelOnDrop,
+}
+
+impl FreezingProxy {
+    async fn start(nats_url: &str) -> Self {
+        let upstream = nats_url
+            .trim_start_matches("nats://")
+            .rsplit('@')
+            .next()
+            .expect("host:port")
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let url = format!("nats://{}", listener.local_addr().expect("proxy address"));
+        let frozen = Arc::new(tokio::sync::watch::channel(false).0);
+        let token = tokio_util::sync::CancellationToken::new();
+        let (accepting, stop) = (frozen.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                let client = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((client, _)) => client,
+                        Err(_) => return,
+                    },
+                    () = stop.cancelled() => return,
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(
+                    client_read,
+                    server_write,
+                    accepting.subscribe(),
+                    stop.clone(),
+                ));
+                tokio::spawn(pump(
+                    server_read,
+                    client_write,
+                    accepting.subscribe(),
+                    stop.clone(),
+                ));
+            }
+        });
+        Self {
+            url,
+            frozen,
+            _accept: CancelOnDrop(token),
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk back while the proxy is frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(read) => read,
+            },
+            () = stop.cancelled() => return,
+        };
+        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
 }
