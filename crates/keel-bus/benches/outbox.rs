@@ -10,7 +10,10 @@
 //! (`KEEL_TEST_DATABASE_URL`, `KEEL_TEST_NATS_URL` apply). Run by `cargo test` (without
 //! `--bench`) it is a smoke test: one short round.
 //!
-//! The outbox latency is commit → delivery to a JetStream consumer, which follows the ack.
+//! Two outbox figures: live, with writers committing while the relay publishes (bounded by how
+//! fast PostgreSQL commits one-event transactions), and a committed backlog drained by the
+//! relay alone (what the relay itself can carry). The latency, live only, is commit → delivery
+//! to a JetStream consumer (which follows the ack), read by its own task as events arrive.
 //! A benchmark reports rather than asserts: the goal is printed as MET or NOT MET.
 
 use std::collections::HashMap;
@@ -114,18 +117,26 @@ async fn main() -> anyhow::Result<()> {
     let mut latencies = Vec::new();
     let mut events_total = 0u64;
     let (ins0, upd0, del0) = table_writes(&pool).await?;
+    let mut backlog_rates = Vec::new();
     for round in 1..=settings.rounds {
         let raw = raw_round(&bus, settings).await?;
         let run = outbox_round(&bus, &pool, &outbox, settings).await?;
         events_total += run.events;
+        // As many events as raw publishing managed in a round: the same work for both.
+        let backlog_events = ((raw * settings.secs) as usize).max(1);
+        let backlog = backlog_round(&bus, &pool, &outbox, settings, backlog_events).await?;
+        events_total += backlog_events as u64;
         println!(
-            "  round {round}: raw {:>8.0}/s   outbox {:>8.0}/s ({} events, writers committed {:.0}/s)   ratio {:.2}",
+            "  round {round}: raw {:>8.0}/s   outbox live {:>7.0}/s ({} events, writers committed {:.0}/s) ratio {:.2}   backlog {:>7.0}/s ratio {:.2}",
             raw,
             run.rate,
             run.events,
             run.commit_rate,
-            run.rate / raw
+            run.rate / raw,
+            backlog,
+            backlog / raw
         );
+        backlog_rates.push(backlog);
         raw_rates.push(raw);
         outbox_rates.push(run.rate);
         commit_rates.push(run.commit_rate);
@@ -135,12 +146,15 @@ async fn main() -> anyhow::Result<()> {
     let raw = median(&mut raw_rates);
     let through = median(&mut outbox_rates);
     let ratio = through / raw;
+    let backlog = median(&mut backlog_rates);
+    let backlog_ratio = backlog / raw;
     latencies.sort_by(f64::total_cmp);
     println!("  median raw JetStream publish+ack: {raw:.0} events/s");
     println!(
-        "  median outbox commit→JetStream:   {through:.0} events/s (writers alone committed {:.0}/s)",
+        "  median outbox commit→JetStream, live writers: {through:.0} events/s (the writers committed {:.0}/s: one event per transaction bounds it)",
         median(&mut commit_rates)
     );
+    println!("  median outbox relay, committed backlog:       {backlog:.0} events/s");
     println!(
         "  commit→delivery latency: p50 {:.2} ms, p99 {:.2} ms ({} events)",
         percentile(&latencies, 0.50),
@@ -155,13 +169,20 @@ async fn main() -> anyhow::Result<()> {
         del,
         events_total
     );
-    println!(
-        "  goal outbox ≥ {GOAL_RATIO}× raw: ratio {ratio:.2} {}",
+    let verdict = |ratio: f64| {
         if ratio >= GOAL_RATIO {
             "MET"
         } else {
             "NOT MET"
         }
+    };
+    println!(
+        "  goal outbox ≥ {GOAL_RATIO}× raw, live writers:      ratio {ratio:.2} {}",
+        verdict(ratio)
+    );
+    println!(
+        "  goal outbox ≥ {GOAL_RATIO}× raw, committed backlog: ratio {backlog_ratio:.2} {}",
+        verdict(backlog_ratio)
     );
     Ok(())
 }
@@ -200,6 +221,87 @@ struct OutboxRun {
     latencies_ms: Vec<f64>,
 }
 
+/// Deliveries of the outbox's subject as they arrive, read by a task of their own so that an
+/// event's arrival is taken when JetStream delivers it, not when the benchmark gets to it.
+struct Arrivals {
+    seen: Arc<Mutex<Vec<(Uuid, Instant)>>>,
+    reader: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Arrivals {
+    async fn start(bus: &Bus) -> anyhow::Result<Self> {
+        let stream = bus.jetstream().get_stream(bus.stream_name()).await?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: "keel.bench.outbox".to_owned(),
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .context("the timing consumer")?;
+        let mut messages = consumer.messages().await?;
+        let seen: Arc<Mutex<Vec<(Uuid, Instant)>>> = Arc::default();
+        let sink = seen.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
+                let arrived = Instant::now();
+                let id = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(keel_bus::MSG_ID_HEADER))
+                    .and_then(|v| Uuid::parse_str(v.as_str()).ok())
+                    .context("a delivered event without its id")?;
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((id, arrived));
+            }
+            bail!("the stream of messages ended")
+        });
+        Ok(Self { seen, reader })
+    }
+
+    /// Waits until `expected` events arrived (at most 60 s) and returns them.
+    async fn wait_for(self, expected: usize) -> anyhow::Result<Vec<(Uuid, Instant)>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let arrived = self
+                .seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len();
+            if arrived >= expected {
+                break;
+            }
+            if self.reader.is_finished() {
+                self.reader.await.context("reader task")??;
+                bail!("the reader stopped after {arrived} of {expected} events");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {arrived} of {expected} events arrived within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.reader.abort();
+        Ok(std::mem::take(
+            &mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+fn relay(bus: &Bus, pool: &PgPool, outbox: &Outbox, settings: Settings) -> Relay {
+    Relay::new(
+        pool.clone(),
+        outbox.clone(),
+        bus.jetstream().clone(),
+        RelayConfig {
+            batch_size: settings.batch as i64,
+            ..RelayConfig::default()
+        },
+    )
+}
+
 /// Writers commit events for `secs` while a relay publishes them; a JetStream consumer takes
 /// each delivery's time. The rate counts from the first commit to the last delivery.
 async fn outbox_round(
@@ -208,27 +310,9 @@ async fn outbox_round(
     outbox: &Outbox,
     settings: Settings,
 ) -> anyhow::Result<OutboxRun> {
-    let stream = bus.jetstream().get_stream(bus.stream_name()).await?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: "keel.bench.outbox".to_owned(),
-            deliver_policy: DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .context("the timing consumer")?;
-    let mut messages = consumer.messages().await?;
-    let relay = Relay::new(
-        pool.clone(),
-        outbox.clone(),
-        bus.jetstream().clone(),
-        RelayConfig {
-            batch_size: settings.batch as i64,
-            ..RelayConfig::default()
-        },
-    );
+    let arrivals = Arrivals::start(bus).await?;
     let stop = CancellationToken::new();
-    let relay_task = tokio::spawn(relay.run(stop.clone()));
+    let relay_task = tokio::spawn(relay(bus, pool, outbox, settings).run(stop.clone()));
     let committed: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(settings.secs);
@@ -256,63 +340,64 @@ async fn outbox_round(
     for writer in writers {
         writer.await.context("writer task")??;
     }
-    let commit_rate = committed
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .len() as f64
-        / started.elapsed().as_secs_f64();
-    let expected = committed
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .len();
-    let mut latencies_ms = Vec::with_capacity(expected);
-    let mut last = started;
-    let drain = Instant::now() + Duration::from_secs(60);
-    while latencies_ms.len() < expected {
-        let next = tokio::time::timeout_at(drain.into(), messages.next()).await;
-        let message = match next {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(error))) => bail!("reading the stream failed: {error}"),
-            Ok(None) => bail!("the stream of messages ended"),
-            Err(_) => bail!(
-                "only {} of {expected} events arrived within 60 s",
-                latencies_ms.len()
-            ),
-        };
-        let arrived = Instant::now();
-        let id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(keel_bus::MSG_ID_HEADER))
-            .and_then(|v| Uuid::parse_str(v.as_str()).ok())
-            .context("a delivered event without its id")?;
-        let committed_at = committed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-            .copied();
-        // A delivery can beat the writer's bookkeeping by microseconds: count it as 0.
-        let committed_at = committed_at.unwrap_or(arrived);
-        latencies_ms.push(
-            arrived
-                .saturating_duration_since(committed_at)
-                .as_secs_f64()
-                * 1e3,
-        );
-        last = arrived;
-    }
+    let committed = std::mem::take(&mut *committed.lock().unwrap_or_else(PoisonError::into_inner));
+    let commit_rate = committed.len() as f64 / started.elapsed().as_secs_f64();
+    let arrived = arrivals.wait_for(committed.len()).await?;
     stop.cancel();
     relay_task.await.context("relay task")?;
     ensure!(
         outbox.pending(pool).await? == 0,
         "events were left in the outbox"
     );
+    let mut last = started;
+    let latencies_ms = arrived
+        .iter()
+        .map(|(id, arrived)| {
+            last = last.max(*arrived);
+            // A delivery can beat the writer's bookkeeping by microseconds: count it as 0.
+            let committed_at = committed.get(id).copied().unwrap_or(*arrived);
+            arrived
+                .saturating_duration_since(committed_at)
+                .as_secs_f64()
+                * 1e3
+        })
+        .collect();
     Ok(OutboxRun {
-        events: expected as u64,
-        rate: expected as f64 / last.duration_since(started).as_secs_f64(),
+        events: committed.len() as u64,
+        rate: committed.len() as f64 / last.duration_since(started).as_secs_f64(),
         commit_rate,
         latencies_ms,
     })
+}
+
+/// The relay alone: `events` already committed (500 to a transaction, untimed), then a relay
+/// starts; returns events/s from its start to the last delivery. Unlike [`outbox_round`] this
+/// is not bounded by how fast PostgreSQL commits one-event transactions.
+async fn backlog_round(
+    bus: &Bus,
+    pool: &PgPool,
+    outbox: &Outbox,
+    settings: Settings,
+    events: usize,
+) -> anyhow::Result<f64> {
+    for chunk in 0..events.div_ceil(500) {
+        let mut tx = pool.begin().await?;
+        for n in chunk * 500..((chunk + 1) * 500).min(events) {
+            let key = format!("instance-{}", n % settings.keys);
+            let message = OutboxMessage::new(key, "keel.bench.outbox", vec![0; 200]);
+            outbox.enqueue(&mut tx, &message).await?;
+        }
+        tx.commit().await?;
+    }
+    let arrivals = Arrivals::start(bus).await?;
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let relay_task = tokio::spawn(relay(bus, pool, outbox, settings).run(stop.clone()));
+    let arrived = arrivals.wait_for(events).await?;
+    stop.cancel();
+    relay_task.await.context("relay task")?;
+    let last = arrived.iter().map(|(_, at)| *at).max().unwrap_or(started);
+    Ok(events as f64 / last.duration_since(started).as_secs_f64())
 }
 
 async fn table_writes(pool: &PgPool) -> anyhow::Result<(i64, i64, i64)> {

@@ -223,6 +223,10 @@ settings). KEEL_<TARGET>_ENDPOINT and KEEL_RUNBOOKS_DIR are passed ahead of keel
   value: {{ $v.limits.streamDuration | quote }}
 - name: KEEL_NATS_URL
   value: {{ $v.nats.url | quote }}
+- name: KEEL_NATS_STREAM
+  value: {{ $v.nats.stream | default "KEEL" | quote }}
+- name: KEEL_NATS_SUBJECT_ROOT
+  value: {{ $v.nats.subjectRoot | default "keel" | quote }}
 {{- if $v.nats.credentials.existingSecret }}
 - name: KEEL_NATS_CREDENTIALS_FILE
   value: {{ include "keel.secretsDir" $root }}/nats.creds
