@@ -108,6 +108,11 @@ impl Outbox {
              END $$;
              CREATE UNIQUE INDEX IF NOT EXISTS outbox_seq ON {s}.outbox (seq);
              CREATE INDEX IF NOT EXISTS outbox_key_seq ON {s}.outbox (key, seq);
+             -- A queue: every row is deleted soon after it is written. The default (vacuum at
+             -- 20% dead rows) lets the dead ones pile up, and every claim walks over them.
+             ALTER TABLE {s}.outbox SET (autovacuum_vacuum_scale_factor = 0,
+                 autovacuum_vacuum_threshold = 5000, autovacuum_vacuum_cost_delay = 0,
+                 autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 5000);
              CREATE TABLE IF NOT EXISTS {s}.outbox_dead_letter (
                  id uuid PRIMARY KEY,
                  seq bigint NOT NULL,

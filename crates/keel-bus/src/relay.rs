@@ -52,6 +52,9 @@ use crate::{BusError, MSG_ID_HEADER, Outbox};
 pub struct RelayConfig {
     /// Most rows claimed at once.
     pub batch_size: i64,
+    /// Batches one relay has claimed and is publishing at a time (at least 1): the next claim
+    /// overlaps the acks of the last, as two relays' claims would.
+    pub claims_in_flight: usize,
     /// Longest a relay may keep its claim transaction idle (while it waits for JetStream):
     /// PostgreSQL ends a stuck relay's session after this, which puts its rows back.
     pub lease: Duration,
@@ -71,6 +74,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 256,
+            claims_in_flight: 2,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(2),
             // 0.5 + 1 + 2 + … + 60 s: a stream that refuses everything (deleted by mistake)
@@ -248,6 +252,22 @@ impl Relay {
     /// Fails when the bus or the database did not answer; rows JetStream refused wait for
     /// their retry and do not make it fail.
     pub async fn publish_pending(&self) -> Result<usize, BusError> {
+        let claims = (0..self.config.claims_in_flight.max(1)).map(|_| self.publish_until_done());
+        let mut published = 0;
+        let mut failed = None;
+        for result in futures::future::join_all(claims).await {
+            match result {
+                Ok(count) => published += count,
+                Err(error) => {
+                    failed.get_or_insert(error);
+                }
+            }
+        }
+        failed.map_or(Ok(published), Err)
+    }
+
+    /// One claim after another until a batch comes back short.
+    async fn publish_until_done(&self) -> Result<usize, BusError> {
         let mut published = 0;
         loop {
             let outcome = self.publish_batch().await?;
@@ -272,33 +292,16 @@ impl Relay {
             .bind(self.config.lease.as_millis().max(1).to_string())
             .execute(&mut *tx)
             .await?;
-        // `heads`: the oldest row of each key, when it is due and no other relay holds it (a
-        // row being published by another relay still exists to this snapshot, so the rows
-        // after it are no heads). `batch`: the heads' rows in sequence order. The DELETE keeps
-        // only rows that no row of their key outside this batch precedes.
-        let mut rows: Vec<Row> = sqlx::query_as(&format!(
-            "WITH heads AS (
-                 SELECT o.seq, o.key FROM {s}.outbox o
-                 WHERE o.retry_at <= now()
-                   AND NOT EXISTS (SELECT 1 FROM {s}.outbox e WHERE e.key = o.key AND e.seq < o.seq)
-                 ORDER BY o.seq LIMIT $1
-                 FOR UPDATE SKIP LOCKED
-             ), batch AS (
-                 SELECT o.seq FROM {s}.outbox o
-                 WHERE o.key IN (SELECT key FROM heads)
-                 ORDER BY o.seq LIMIT $1
-                 FOR UPDATE SKIP LOCKED
-             )
-             DELETE FROM {s}.outbox o USING batch b
-             WHERE o.seq = b.seq
-               AND NOT EXISTS (SELECT 1 FROM {s}.outbox e
-                               WHERE e.key = o.key AND e.seq < o.seq
-                                 AND e.seq NOT IN (SELECT seq FROM batch))
-             RETURNING o.seq, o.id, o.key, o.subject, o.payload, o.headers, o.created_at, o.attempts, o.last_error"
-        ))
-        .bind(self.config.batch_size)
-        .fetch_all(&mut *tx)
-        .await?;
+        // Near the front first: heads among the oldest rows, with the rows of their keys that
+        // follow them there, in one cheap pass. When the front holds fewer heads than a batch
+        // (few keys, or keys held by other claims or waiting for a retry), the first row of
+        // every key, found by skipping through the (key, seq) index: that costs one probe per
+        // pending key, where looking for heads row by row would read the whole backlog.
+        let mut rows = claim(&mut tx, &claim_near_front_sql(s), self.config.batch_size).await?;
+        let wanted = self.config.batch_size - rows.len() as i64;
+        if wanted > 0 {
+            rows.extend(claim(&mut tx, &claim_first_of_each_key_sql(s), wanted).await?);
+        }
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(BatchOutcome::default());
@@ -467,6 +470,80 @@ const LISTEN_RETRY_MIN: Duration = Duration::from_millis(500);
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Puts a claimed row back under its own sequence number, so it keeps its place in its key.
+
+/// Rows the front of the outbox (the oldest `$1 * FRONT_BATCHES` rows) can give: `heads` are
+/// its rows that are due, held by no other claim and preceded by no row of their key (a row
+/// another relay is publishing still exists to this snapshot, so the rows behind it are no
+/// heads); `batch` adds the rows of the heads' keys that follow them in the front.
+fn claim_near_front_sql(s: &str) -> String {
+    claim_sql(
+        s,
+        &format!(
+            "front AS (
+                 SELECT o.seq, o.key FROM {s}.outbox o ORDER BY o.seq LIMIT $1 * {FRONT_BATCHES}
+             ), heads AS (
+                 SELECT o.seq, o.key FROM {s}.outbox o
+                 WHERE o.seq IN (SELECT seq FROM front)
+                   AND o.retry_at <= now()
+                   AND NOT EXISTS (SELECT 1 FROM {s}.outbox e WHERE e.key = o.key AND e.seq < o.seq)
+                 ORDER BY o.seq LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+             ), batch AS (
+                 SELECT o.seq FROM {s}.outbox o
+                 WHERE o.seq IN (SELECT f.seq FROM front f JOIN heads h ON h.key = f.key)
+                 ORDER BY o.seq LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+             )"
+        ),
+    )
+}
+
+/// The first row of each key, oldest first, when it is due and held by no other claim: a
+/// loose index scan, one probe of `outbox_key_seq` per key. Rows this transaction claimed
+/// already are gone from its snapshot, so their keys' next rows come out as firsts; they are
+/// published after them, in the same batch.
+fn claim_first_of_each_key_sql(s: &str) -> String {
+    claim_sql(
+        s,
+        &format!(
+            "firsts AS (
+                 (SELECT o.key, o.seq FROM {s}.outbox o ORDER BY o.key, o.seq LIMIT 1)
+                 UNION ALL
+                 SELECT n.key, n.seq FROM firsts f, LATERAL (
+                     SELECT o.key, o.seq FROM {s}.outbox o WHERE o.key > f.key
+                     ORDER BY o.key, o.seq LIMIT 1
+                 ) n
+             ), batch AS (
+                 SELECT o.seq FROM {s}.outbox o
+                 WHERE o.seq IN (SELECT seq FROM firsts) AND o.retry_at <= now()
+                 ORDER BY o.seq LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+             )"
+        ),
+    )
+}
+
+/// Deletes and returns the rows of `batch` (defined by `ctes`) that no row of their key
+/// outside the batch precedes: whatever the batch holds, no event overtakes an earlier one.
+fn claim_sql(s: &str, ctes: &str) -> String {
+    format!(
+        "WITH RECURSIVE {ctes}
+         DELETE FROM {s}.outbox o USING batch b
+         WHERE o.seq = b.seq
+           AND NOT EXISTS (SELECT 1 FROM {s}.outbox e
+                           WHERE e.key = o.key AND e.seq < o.seq
+                             AND e.seq NOT IN (SELECT seq FROM batch))
+         RETURNING o.seq, o.id, o.key, o.subject, o.payload, o.headers, o.created_at, o.attempts, o.last_error"
+    )
+}
+
+/// How many batches' worth of the oldest rows the cheap claim looks at.
+const FRONT_BATCHES: i64 = 8;
+
+async fn claim(tx: &mut PgConnection, sql: &str, limit: i64) -> Result<Vec<Row>, BusError> {
+    Ok(sqlx::query_as(sql).bind(limit).fetch_all(&mut *tx).await?)
+}
+
 async fn put_back(
     tx: &mut PgConnection,
     schema: &str,

@@ -414,12 +414,14 @@ async fn a_relay_stuck_on_jetstream_loses_its_claim_after_the_lease() {
     proxy.freeze();
     let stuck_run = tokio::spawn(async move { stuck.publish_pending().await });
     let healthy = t.relay();
-    // The claim is held once the stuck relay's transaction waits, idle, for JetStream.
+    // The claim is held once the stuck relay's transaction waits, idle after its claim, for
+    // JetStream (idle between two earlier statements does not count).
     let waiting = Instant::now();
     loop {
         let idle: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = $1 AND state = 'idle in transaction'",
+             WHERE datname = $1 AND state = 'idle in transaction'
+               AND query LIKE '%DELETE FROM svc.outbox%'",
         )
         .bind(&t.database_name)
         .fetch_one(&t.pool)
