@@ -2,15 +2,14 @@
 //! [`PeerIdentity`] that keel-server's TLS listener would insert put there by hand
 //! (TLS itself is tested in keel-server).
 
-use std::convert::Infallible;
+mod common;
+
 use std::time::Duration;
 
-use keel_auth::{Actor, AuthLayer, KeyStore, NewKey, Principal, Role};
-use keel_server::PeerIdentity;
-use secrecy::{ExposeSecret as _, SecretString};
+use common::call;
+use keel_auth::{Actor, AuthLayer, KeyStore, NewKey, Role};
+use secrecy::SecretString;
 use tonic::Code;
-use tower::ServiceExt as _;
-use tower_layer::Layer as _;
 
 const REFUSED: &str = "service keys must come with a client certificate for collector";
 
@@ -51,46 +50,6 @@ async fn keys() -> Keys {
         service,
         viewer,
     }
-}
-
-/// Calls a service behind `layer` with `key` and, if given, a peer identity; returns
-/// the principal the service saw, or the status the layer answered with.
-async fn call(
-    layer: &AuthLayer,
-    key: &SecretString,
-    peer: Option<&str>,
-) -> Result<Principal, (Code, String)> {
-    let inner = tower::service_fn(|request: http::Request<()>| async move {
-        let mut response = http::Response::new(());
-        if let Some(principal) = request.extensions().get::<Principal>() {
-            response.extensions_mut().insert(principal.clone());
-        }
-        Ok::<_, Infallible>(response)
-    });
-    let mut request = http::Request::new(());
-    let bearer = format!("Bearer {}", key.expose_secret());
-    request.headers_mut().insert(
-        http::header::AUTHORIZATION,
-        bearer.parse().expect("header value"),
-    );
-    if let Some(peer) = peer {
-        request
-            .extensions_mut()
-            .insert(PeerIdentity(peer.to_owned()));
-    }
-    let response = layer
-        .layer(inner)
-        .oneshot(request)
-        .await
-        .unwrap_or_else(|e| match e {});
-    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-        return Err((status.code(), status.message().to_owned()));
-    }
-    Ok(response
-        .extensions()
-        .get::<Principal>()
-        .cloned()
-        .expect("the service saw a principal"))
 }
 
 /// Checks that `key` with `peer` is let through with that peer identity, or refused

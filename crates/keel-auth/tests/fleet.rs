@@ -2,23 +2,21 @@
 //! and in the database), bound to their client certificate under mutual TLS; and the
 //! in-process identity, which no listener accepts.
 
-use std::convert::Infallible;
+mod common;
+
 use std::pin::Pin;
 use std::time::Duration;
 
-use keel_auth::{
-    Actor, AuthError, AuthLayer, InProcess, KeyStore, NewKey, Principal, Role, Scope, Tenant,
-};
-use keel_server::PeerIdentity;
+use common::call;
+use keel_auth::{Actor, AuthError, AuthLayer, InProcess, KeyStore, NewKey, Role, Scope, Tenant};
 use keel_testkit::GrpcServer;
-use secrecy::{ExposeSecret as _, SecretString};
+use secrecy::ExposeSecret as _;
 use sqlx::PgPool;
 use tonic::Code;
 use tonic::service::Routes;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
-use tower::ServiceExt as _;
 use tower_layer::Layer as _;
 
 async fn store() -> (KeyStore, PgPool) {
@@ -176,45 +174,6 @@ async fn fleet_keys_have_no_tenant_and_the_service_role_only() {
         .await
         .expect_err("empty tenant");
     assert_eq!(violated(err), "api_keys_tenant_not_empty");
-}
-
-/// Calls a service behind `layer` with `key` and, if given, a peer identity.
-async fn call(
-    layer: &AuthLayer,
-    key: &SecretString,
-    peer: Option<&str>,
-) -> Result<Principal, (Code, String)> {
-    let inner = tower::service_fn(|request: http::Request<()>| async move {
-        let mut response = http::Response::new(());
-        if let Some(principal) = request.extensions().get::<Principal>() {
-            response.extensions_mut().insert(principal.clone());
-        }
-        Ok::<_, Infallible>(response)
-    });
-    let mut request = http::Request::new(());
-    let bearer = format!("Bearer {}", key.expose_secret());
-    request.headers_mut().insert(
-        http::header::AUTHORIZATION,
-        bearer.parse().expect("header value"),
-    );
-    if let Some(peer) = peer {
-        request
-            .extensions_mut()
-            .insert(PeerIdentity(peer.to_owned()));
-    }
-    let response = layer
-        .layer(inner)
-        .oneshot(request)
-        .await
-        .unwrap_or_else(|e| match e {});
-    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-        return Err((status.code(), status.message().to_owned()));
-    }
-    Ok(response
-        .extensions()
-        .get::<Principal>()
-        .cloned()
-        .expect("the service saw a principal"))
 }
 
 #[tokio::test]

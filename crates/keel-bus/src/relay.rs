@@ -469,8 +469,6 @@ impl Relay {
 const LISTEN_RETRY_MIN: Duration = Duration::from_millis(500);
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Puts a claimed row back under its own sequence number, so it keeps its place in its key.
-
 /// Rows the front of the outbox (the oldest `$1 * FRONT_BATCHES` rows) can give: `heads` are
 /// its rows that are due, held by no other claim and preceded by no row of their key (a row
 /// another relay is publishing still exists to this snapshot, so the rows behind it are no
@@ -544,6 +542,7 @@ async fn claim(tx: &mut PgConnection, sql: &str, limit: i64) -> Result<Vec<Row>,
     Ok(sqlx::query_as(sql).bind(limit).fetch_all(&mut *tx).await?)
 }
 
+/// Puts a claimed row back under its own sequence number, so it keeps its place in its key.
 async fn put_back(
     tx: &mut PgConnection,
     schema: &str,

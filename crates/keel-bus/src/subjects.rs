@@ -20,15 +20,8 @@ pub struct SubjectError {
 }
 
 fn token<'a>(part: &'static str, value: &'a str) -> Result<&'a str, SubjectError> {
-    let bytes = value.as_bytes();
-    // The same rule as keel-config's for --nats-subject-root; tenants (lowercase, digits, '-')
-    // always pass it.
-    let valid = (1..=64).contains(&bytes.len())
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
-    if valid {
+    // Tenants (lowercase, digits, '-') always pass it.
+    if keel_config::is_nats_token(value) {
         Ok(value)
     } else {
         Err(SubjectError {

@@ -228,16 +228,21 @@ impl NatsConfig {
     }
 }
 
-/// Checks a stream name or subject token: no `.`, wildcard, space or `$`, so it is one subject
-/// token and a valid stream name on every NATS version.
-fn nats_name(setting: &'static str, value: &str) -> Result<(), ConfigError> {
+/// Whether `value` is one safe NATS subject token and stream name: 1 to 64 ASCII letters,
+/// digits, `-` or `_`, starting with a letter or digit (no `.`, wildcard, space or `$`).
+pub fn is_nats_token(value: &str) -> bool {
     let bytes = value.as_bytes();
-    let valid = (1..=64).contains(&bytes.len())
+    (1..=64).contains(&bytes.len())
         && bytes[0].is_ascii_alphanumeric()
         && bytes
             .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
-    if valid {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+/// Checks a stream name or subject token: no `.`, wildcard, space or `$`, so it is one subject
+/// token and a valid stream name on every NATS version.
+fn nats_name(setting: &'static str, value: &str) -> Result<(), ConfigError> {
+    if is_nats_token(value) {
         Ok(())
     } else {
         Err(ConfigError::Invalid {
