@@ -116,8 +116,23 @@ pub(crate) fn parse(engine: Engine, raw: &str) -> Result<ConnectionUrl, Invalid>
 fn masked_input() -> Invalid {
     Invalid::new(
         "connection_url",
-        "contains a masked credential (****): send the real password, or leave connection_url out of the update mask to keep the stored one",
+        "contains a masked credential (****), which is how Keel shows a stored password: send the real password",
     )
+}
+
+/// `invalid` as an update should say it: a masked credential there is most likely the URL
+/// Keel showed, sent back, and leaving the field out keeps the stored one.
+pub(crate) fn for_update(invalid: Invalid) -> Invalid {
+    if invalid == masked_input() {
+        return Invalid::new(
+            invalid.field,
+            format!(
+                "{}, or leave connection_url out of update_mask to keep the stored one",
+                invalid.reason
+            ),
+        );
+    }
+    invalid
 }
 
 fn is_masked(value: &str) -> bool {

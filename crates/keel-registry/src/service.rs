@@ -371,7 +371,8 @@ impl RegistryService for Registry {
                 changes.name = Some(instance.name.clone());
             }
             if has("connection_url") {
-                let url = connection::parse(engine, &instance.connection_url)?;
+                let url = connection::parse(engine, &instance.connection_url)
+                    .map_err(connection::for_update)?;
                 validate::target(&self.config.targets, &url)?;
                 changes.url = Some(url);
             }
@@ -389,14 +390,18 @@ impl RegistryService for Registry {
             Ok(changes)
         })()
         .map_err(RegistryError::from)?;
-        let mut changed: Vec<String> = paths.clone();
-        changed.sort();
-        changed.dedup();
         let updated = self
             .store
-            .update(&principal.scope, id, req.expected_version, changes, changed)
+            .update(&principal.scope, id, req.expected_version, changes)
             .await?;
-        tracing::info!(version = updated.version, "instance updated");
+        if updated.version == req.expected_version {
+            tracing::info!(
+                version = updated.version,
+                "instance unchanged: nothing differed"
+            );
+        } else {
+            tracing::info!(version = updated.version, "instance updated");
+        }
         Ok(Response::new(UpdateInstanceResponse {
             instance: Some(updated),
         }))

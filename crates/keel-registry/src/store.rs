@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use keel_auth::{Scope, Tenant};
 use keel_bus::{BusError, Outbox, SubjectRoot};
 use keel_proto::v1::{Engine, Instance, MonitoringEndpoint};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -39,6 +39,23 @@ pub(crate) struct Changes {
     pub(crate) environment: Option<String>,
     pub(crate) labels: Option<BTreeMap<String, String>>,
     pub(crate) endpoints: Option<Vec<MonitoringEndpoint>>,
+}
+
+impl Changes {
+    /// The API names of the fields set, in alphabetical order (as events list them).
+    fn fields(&self) -> Vec<String> {
+        [
+            ("connection_url", self.url.is_some()),
+            ("environment", self.environment.is_some()),
+            ("labels", self.labels.is_some()),
+            ("monitoring_endpoints", self.endpoints.is_some()),
+            ("name", self.name.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(field, _)| field.to_owned())
+        .collect()
+    }
 }
 
 /// Which instances a list returns.
@@ -211,18 +228,45 @@ impl InstanceStore {
         Ok((rows.iter().map(Instance::from).collect(), more))
     }
 
-    /// Applies `changes` if the stored version is `expected_version`, in one statement:
-    /// no row lock is held while the caller thinks, so concurrent writers never wait on each other.
+    /// Applies `changes` if the stored version is `expected_version`. A field sent with the
+    /// value it already has is no change, and an update that changes nothing returns the
+    /// instance as stored: same version, no event.
+    ///
+    /// The row is read without a lock and written by one statement that checks the version
+    /// again, so no row lock is held while the caller thinks, and concurrent writers never wait
+    /// on each other beyond that statement.
     pub(crate) async fn update(
         &self,
         scope: &Scope,
         id: Uuid,
         expected_version: i64,
         changes: Changes,
-        changed_fields: Vec<String>,
     ) -> Result<Instance, RegistryError> {
         // The new ciphertext is bound to the tenant, which a fleet caller does not have.
         let tenant = owner(scope, "update instances")?;
+        let stored: Option<InstanceWithSecret> = sqlx::query_as(&format!(
+            "SELECT url_ciphertext, key_id, {COLUMNS} FROM registry.instances WHERE id = $1 AND tenant = $2"
+        ))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(stored) = stored else {
+            return Err(RegistryError::NotFound(id.to_string()));
+        };
+        if stored.row.version != expected_version {
+            return Err(RegistryError::VersionConflict {
+                id,
+                expected: expected_version,
+                actual: stored.row.version,
+            });
+        }
+        let changes = self.differing(changes, &stored);
+        let changed_fields = changes.fields();
+        if changed_fields.is_empty() {
+            return Ok(Instance::from(&stored.row));
+        }
+
         let mut query = QueryBuilder::<Postgres>::new(
             "UPDATE registry.instances SET version = version + 1, updated_at = now()",
         );
@@ -276,6 +320,36 @@ impl InstanceStore {
             .await?;
         tx.commit().await?;
         Ok(instance)
+    }
+
+    /// The fields of `changes` whose value differs from what `stored` holds.
+    fn differing(&self, changes: Changes, stored: &InstanceWithSecret) -> Changes {
+        let row = &stored.row;
+        Changes {
+            name: changes.name.filter(|name| *name != row.name),
+            url: changes.url.filter(|url| {
+                // Compared in clear: the masked forms hide a changed password. A credential this
+                // server cannot open (a key it lacks) is replaced.
+                let sealed = Sealed {
+                    key_id: stored.key_id.clone(),
+                    bytes: stored.url_ciphertext.clone(),
+                };
+                self.keys
+                    .current()
+                    .open(&sealed, &aad(&row.tenant, row.id))
+                    .map_or(true, |clear| {
+                        clear.expose_secret() != url.clear.expose_secret()
+                    })
+            }),
+            environment: changes
+                .environment
+                .filter(|environment| *environment != row.environment),
+            labels: changes.labels.filter(|labels| *labels != row.labels.0),
+            endpoints: changes.endpoints.filter(|endpoints| {
+                let endpoints: Vec<Endpoint> = endpoints.iter().map(Endpoint::from).collect();
+                endpoints != row.monitoring_endpoints.0
+            }),
+        }
     }
 
     pub(crate) async fn delete(

@@ -358,6 +358,18 @@ async fn bad_input_is_refused_with_what_to_fix_and_nothing_changes() {
         };
         assert_status(create(&mut client, instance).await, code, needle);
     }
+    // A create has no update mask to talk about.
+    let masked = create(
+        &mut client,
+        with(&|i| i.connection_url = "postgres://app:****@db/shop".into()),
+    )
+    .await
+    .expect_err("masked url created");
+    assert!(
+        !masked.message().contains("update"),
+        "{:?} talks about updates",
+        masked.message()
+    );
     assert_status(
         client
             .create_instance(CreateInstanceRequest { instance: None })
@@ -385,7 +397,7 @@ async fn bad_input_is_refused_with_what_to_fix_and_nothing_changes() {
                 },
                 1,
             ),
-            "masked credential",
+            "send the real password, or leave connection_url out of update_mask",
         ),
         (
             update(

@@ -179,3 +179,144 @@ async fn events_committed_while_no_relay_runs_arrive_once_when_relays_start() {
         0
     );
 }
+
+/// Fields sent with the values they already have change nothing: the version stays, no event
+/// is published, and a later real change lists only the fields that did change.
+#[tokio::test]
+async fn an_update_that_changes_nothing_keeps_its_version_and_publishes_nothing() {
+    let app = TestApp::start().await;
+    let mut client = app.client("acme", Role::Operator).await;
+    let url = "postgres://app:noop-pw@db:5432/shop";
+    let created = create(
+        &mut client,
+        Instance {
+            environment: "production".into(),
+            labels: [("tier".to_owned(), "db".to_owned())].into(),
+            monitoring_endpoints: vec![MonitoringEndpoint {
+                kind: "postgres_exporter".into(),
+                url: "http://db:9187/metrics".into(),
+            }],
+            ..pg_instance("orders-db", url)
+        },
+    )
+    .await
+    .expect("create");
+    let update =
+        |paths: &[&str], instance: Instance, expected_version: i64| UpdateInstanceRequest {
+            id: created.id.clone(),
+            instance: Some(instance),
+            update_mask: Some(FieldMask {
+                paths: paths.iter().map(|p| p.to_string()).collect(),
+            }),
+            expected_version,
+        };
+
+    // Every field, each set to what is stored (the URL in clear, as first sent).
+    let same = Instance {
+        name: created.name.clone(),
+        connection_url: url.into(),
+        environment: created.environment.clone(),
+        labels: created.labels.clone(),
+        monitoring_endpoints: created.monitoring_endpoints.clone(),
+        ..Default::default()
+    };
+    let all = [
+        "name",
+        "connection_url",
+        "environment",
+        "labels",
+        "monitoring_endpoints",
+    ];
+    let unchanged = client
+        .update_instance(update(&all, same.clone(), 1))
+        .await
+        .expect("no-op update")
+        .into_inner()
+        .instance
+        .expect("instance");
+    assert_eq!(unchanged, created, "returned as stored, version 1");
+    // Removing a label that is not there (the CLI sends the merged labels) is no change either.
+    client
+        .update_instance(update(&["labels"], same.clone(), 1))
+        .await
+        .expect("no-op relabel");
+    assert_eq!(get(&mut client, &created.id).await.expect("get"), created);
+    // A stale version is still refused, change or not.
+    assert_status(
+        client
+            .update_instance(update(&["labels"], same.clone(), 7))
+            .await,
+        tonic::Code::Aborted,
+        "stored version is 1, request expected 7",
+    );
+
+    // A real change among unchanged fields: one new version, one event naming that field.
+    let changed = client
+        .update_instance(update(
+            &all,
+            Instance {
+                environment: "staging".into(),
+                ..same
+            },
+            1,
+        ))
+        .await
+        .expect("update")
+        .into_inner()
+        .instance
+        .expect("instance");
+    assert_eq!(
+        (changed.version, changed.environment.as_str()),
+        (2, "staging")
+    );
+
+    // Only the password differs: the masked forms are equal, the URLs are not.
+    let repassworded = client
+        .update_instance(update(
+            &["connection_url"],
+            Instance {
+                connection_url: "postgres://app:other-pw@db:5432/shop".into(),
+                ..Default::default()
+            },
+            2,
+        ))
+        .await
+        .expect("new password")
+        .into_inner()
+        .instance
+        .expect("instance");
+    assert_eq!(
+        (repassworded.version, repassworded.connection_url.as_str()),
+        (3, created.connection_url.as_str())
+    );
+
+    let messages = app.events(3).await;
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "keel.registry.acme.instance.created",
+            "keel.registry.acme.instance.updated",
+            "keel.registry.acme.instance.updated"
+        ],
+        "no event for the updates that changed nothing"
+    );
+    let changed: Vec<(Vec<String>, Option<i64>)> = messages[1..]
+        .iter()
+        .map(
+            |m| match Event::decode(m.payload.as_ref()).expect("event").payload {
+                Some(event::Payload::InstanceUpdated(p)) => {
+                    (p.changed_fields, p.instance.map(|i| i.version))
+                }
+                other => panic!("expected InstanceUpdated, got {other:?}"),
+            },
+        )
+        .collect();
+    assert_eq!(
+        changed,
+        [
+            (vec!["environment".to_owned()], Some(2)),
+            (vec!["connection_url".to_owned()], Some(3))
+        ]
+    );
+}

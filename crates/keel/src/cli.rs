@@ -28,6 +28,12 @@ pub(crate) enum Command {
     /// Administer API keys and encryption keys (talks to the state store directly).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Print a shell completion script, e.g. `keel completion bash > /etc/bash_completion.d/keel`,
+    /// `keel completion zsh > "${fpath[1]}/_keel"`, `keel completion fish > ~/.config/fish/completions/keel.fish`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Which services a process runs. A service is offered here once its crate exists.
@@ -158,8 +164,10 @@ pub(crate) struct ClientArgs {
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Output {
-    /// Human-readable tables.
+    /// Tables for people, fitted to the terminal (columns dropped or wrapped between words).
     Table,
+    /// Tables with every column (ids included), however wide.
+    Wide,
     /// JSON, one document per result (one per line for streams).
     Json,
 }
@@ -188,10 +196,11 @@ pub(crate) enum InstanceCommand {
         /// Environment, e.g. production.
         #[arg(long = "env", default_value = "")]
         environment: String,
-        /// Label `key=value`; repeatable.
+        /// Label `key=value`; repeatable, each key once.
         #[arg(long = "label", short = 'l', value_parser = parse_key_value)]
         labels: Vec<(String, String)>,
-        /// Monitoring endpoint `kind=url`; repeatable.
+        /// Monitoring endpoint `kind=url`, e.g. `postgres_exporter=http://db:9187/metrics`;
+        /// repeatable.
         #[arg(long = "monitoring-endpoint", value_parser = parse_key_value)]
         endpoints: Vec<(String, String)>,
         #[command(flatten)]
@@ -234,12 +243,19 @@ pub(crate) enum InstanceCommand {
         /// New environment.
         #[arg(long = "env")]
         environment: Option<String>,
-        /// Set label `key=value`; repeatable.
+        /// Set label `key=value`; repeatable, each key once.
         #[arg(long = "label", short = 'l', value_parser = parse_key_value)]
         labels: Vec<(String, String)>,
         /// Remove label `key`; repeatable.
         #[arg(long = "remove-label")]
         remove_labels: Vec<String>,
+        /// Set the monitoring endpoint of a kind, `kind=url` (replacing that kind's endpoints);
+        /// repeatable, each kind once.
+        #[arg(long = "monitoring-endpoint", value_parser = parse_key_value)]
+        endpoints: Vec<(String, String)>,
+        /// Remove the monitoring endpoints of `kind`; repeatable.
+        #[arg(long = "remove-monitoring-endpoint")]
+        remove_endpoints: Vec<String>,
         /// Fail unless the stored version is this one (default: the version just read).
         #[arg(long)]
         expected_version: Option<i64>,
@@ -342,18 +358,19 @@ pub(crate) enum AdminCommand {
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Revoke an API key by id; every server refuses it from its next call.
+    /// Revoke an API key; every server refuses it from its next call. Revoking a revoked key
+    /// fails (exit 5) saying when it was revoked.
     RevokeKey {
-        /// Key id, as listed by list-keys.
-        id: uuid::Uuid,
+        /// Key id or name, as listed by list-keys (a name several keys share needs the id).
+        key: String,
         #[command(flatten)]
         database: DatabaseConfig,
     },
     /// Give an API key another role; every server applies it from its next call. A fleet
     /// key keeps the service role.
     SetRole {
-        /// Key id, as listed by list-keys.
-        id: uuid::Uuid,
+        /// Key id or name, as listed by list-keys (a name several keys share needs the id).
+        key: String,
         /// New role: viewer, operator, admin or service.
         #[arg(long)]
         role: keel_auth::Role,
@@ -442,6 +459,90 @@ mod tests {
         match cli.command {
             Command::Admin(AdminCommand::CreateKey { expires_in, .. }) => Ok(expires_in),
             other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_duration_flag_takes_days_and_weeks() {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let cli = Cli::try_parse_from([
+            "keel",
+            "instance",
+            "ls",
+            "--timeout",
+            "1d",
+            "--connect-timeout",
+            "2w",
+        ])
+        .expect("client durations");
+        let Command::Instance(InstanceCommand::Ls { client, .. }) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!((client.timeout, client.connect_timeout), (DAY, 14 * DAY));
+
+        let cli = Cli::try_parse_from([
+            "keel",
+            "serve",
+            "--auth-cache-ttl",
+            "1d",
+            "--check-timeout",
+            "1w",
+            "--database-acquire-timeout",
+            "2d",
+            "--shutdown-grace",
+            "3d",
+            "--limit-stream-duration",
+            "4d",
+            "--target-connect-timeout",
+            "5d",
+        ])
+        .expect("serve durations");
+        let Command::Serve(serve) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(
+            (
+                serve.auth_cache_ttl,
+                serve.check_timeout,
+                serve.database.acquire_timeout,
+                serve.listen.shutdown_grace,
+                serve.limits.stream_duration,
+                serve.targets.connect_timeout,
+            ),
+            (DAY, 7 * DAY, 2 * DAY, 3 * DAY, 4 * DAY, 5 * DAY)
+        );
+    }
+
+    #[test]
+    fn endpoint_is_never_required_and_targets_are_the_services_that_exist() {
+        let mut command = Cli::command();
+        let ls = command
+            .find_subcommand_mut("instance")
+            .and_then(|c| c.find_subcommand_mut("ls"))
+            .expect("instance ls");
+        let usage = ls.render_usage().to_string();
+        assert!(!usage.contains("ENDPOINT"), "{usage}");
+        let endpoint = ls
+            .get_arguments()
+            .find(|a| a.get_id() == "endpoint")
+            .expect("--endpoint");
+        assert!(!endpoint.is_required_set());
+        assert_eq!(
+            endpoint.get_env().and_then(|e| e.to_str()),
+            Some("KEEL_ENDPOINT")
+        );
+
+        let targets: Vec<String> = Target::value_variants()
+            .iter()
+            .filter_map(|t| t.to_possible_value())
+            .map(|v| v.get_name().to_owned())
+            .collect();
+        assert_eq!(targets, ["all", "registry"]);
+        // Each offered service is one `all` runs.
+        for target in Target::value_variants() {
+            if *target != Target::All {
+                assert!(Target::All.services().contains(target), "{target:?}");
+            }
         }
     }
 

@@ -3,12 +3,14 @@
 mod cli;
 mod client;
 mod commands;
+mod failure;
 mod output;
 mod serve;
+mod table;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser as _};
 
 use crate::cli::{Cli, Command};
 
@@ -20,72 +22,22 @@ async fn main() -> ExitCode {
         Command::Instance(command) => commands::instance::run(command).await,
         Command::Events(command) => commands::events::run(command).await,
         Command::Admin(command) => commands::admin::run(command).await,
+        Command::Completion { shell } => completion(shell),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`keel … | head`): nothing more to say, nobody to say it to.
+        Err(error) if failure::is_pipe_closed(&error) => ExitCode::SUCCESS,
         Err(error) => {
-            match status_of(&error) {
-                // tonic's own text for a request that outlived Endpoint::timeout.
-                Some(status) if status.message().contains("Timeout expired") => eprintln!(
-                    "error: Keel did not answer in time; retry, or allow longer with --timeout / KEEL_TIMEOUT"
-                ),
-                Some(status) if is_transport_failure(status) => eprintln!(
-                    "error: the connection to Keel failed ({}{}); do the TLS settings match (CA, client certificate)?",
-                    status.message(),
-                    causes(status)
-                ),
-                // The server's message already says what to fix; the code tells scripts what kind of failure.
-                Some(status) => eprintln!("error: {} ({:?})", status.message(), status.code()),
-                None => eprintln!("error: {error:#}"),
-            }
-            ExitCode::from(exit_code(&error))
+            output::note(format_args!("error: {}", failure::message(&error)));
+            ExitCode::from(failure::classify(&error).exit_code())
         }
     }
 }
 
-fn status_of(error: &anyhow::Error) -> Option<&tonic::Status> {
-    error
-        .chain()
-        .find_map(|e| e.downcast_ref::<tonic::Status>())
-}
-
-/// A call that failed below gRPC: a reset connection or a refused client certificate, which
-/// tonic reports as UNKNOWN "transport error" (cause in its sources) or CANCELLED.
-fn is_transport_failure(status: &tonic::Status) -> bool {
-    use tonic::Code;
-    match status.code() {
-        Code::Cancelled => true,
-        Code::Unknown => std::error::Error::source(status).is_some(),
-        _ => false,
-    }
-}
-
-/// The chain of causes below an error, as ": cause: cause".
-pub(crate) fn causes(error: &dyn std::error::Error) -> String {
-    let mut causes = String::new();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        causes.push_str(&format!(": {inner}"));
-        source = inner.source();
-    }
-    causes
-}
-
-/// Exit codes a script can act on; documented in the README.
-fn exit_code(error: &anyhow::Error) -> u8 {
-    use tonic::Code;
-    let Some(status) = status_of(error) else {
-        return 1;
-    };
-    if is_transport_failure(status) {
-        return 7;
-    }
-    match status.code() {
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => 3,
-        Code::NotFound => 4,
-        Code::AlreadyExists | Code::Aborted => 5,
-        Code::Unauthenticated | Code::PermissionDenied => 6,
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => 7,
-        _ => 1,
-    }
+/// Writes the completion script for `shell`.
+fn completion(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "keel", &mut script);
+    output::print(String::from_utf8_lossy(&script).trim_end())
 }

@@ -1,19 +1,33 @@
-//! Rendering results as tables for people or JSON for scripts.
+//! Rendering results as tables for people or JSON for scripts, and writing them.
+//!
+//! Everything goes through [`print`], never `println!`: when the reader of standard output
+//! goes away (`keel … | head`) the command stops quietly instead of panicking.
 
-use comfy_table::presets::UTF8_BORDERS_ONLY;
-use comfy_table::{ContentArrangement, Table};
+use std::io::Write as _;
+
 use keel_proto::v1::{
     CheckFinding, CheckStatus, Engine, Event, Instance, InstanceHealth, InstanceRole, event,
 };
 use serde_json::{Value, json};
 
-pub(crate) fn table(header: &[&str]) -> Table {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_BORDERS_ONLY)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(header);
-    table
+use crate::failure::PipeClosed;
+use crate::table::{Column, Layout, Table};
+
+/// Writes `text` and a newline to standard output. A closed pipe is [`PipeClosed`], which
+/// `main` turns into a quiet exit.
+pub(crate) fn print(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .map_err(|error| match error.kind() {
+            std::io::ErrorKind::BrokenPipe => anyhow::Error::new(PipeClosed),
+            _ => anyhow::Error::new(error).context("cannot write to standard output"),
+        })
+}
+
+/// Writes a line for people to standard error; nothing to do if that fails.
+pub(crate) fn note(text: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 pub(crate) fn engine(raw: i32) -> &'static str {
@@ -95,63 +109,76 @@ pub(crate) fn instance_json(instance: &Instance) -> Value {
     })
 }
 
-pub(crate) fn instances_table(instances: &[Instance]) -> Table {
-    let mut t = table(&[
-        "NAME", "ENGINE", "ENV", "URL", "LABELS", "HEALTH", "VERSION", "ID",
+/// Instances, one a row; `-o wide` adds the URL's full form, version and id.
+pub(crate) fn instances_table(instances: &[Instance], layout: Layout) -> String {
+    if instances.is_empty() {
+        return "no instances".to_owned();
+    }
+    let mut t = Table::new(&[
+        // Dropped first when they do not fit: URL, ENV, LABELS, ENGINE, HEALTH.
+        Column::keep("NAME"),
+        Column::optional("ENGINE", 2),
+        Column::optional("ENV", 4),
+        Column::optional("HEALTH", 1),
+        Column::optional("LABELS", 3).wrapping(),
+        Column::optional("URL", 5),
+        Column::wide("VERSION"),
+        Column::wide("ID"),
     ]);
     for i in instances {
-        t.add_row(vec![
+        t.row(vec![
             i.name.clone(),
             engine(i.engine).to_owned(),
             i.environment.clone(),
-            i.connection_url.clone(),
-            labels_text(i),
             health_text(i.health.as_ref()),
+            labels_text(i),
+            i.connection_url.clone(),
             i.version.to_string(),
             i.id.clone(),
         ]);
     }
-    t
+    t.render(layout)
 }
 
-pub(crate) fn instance_details(i: &Instance) -> Table {
-    let mut t = table(&["FIELD", "VALUE"]);
+/// One instance, a field a line; long values wrap between words.
+pub(crate) fn instance_details(i: &Instance, layout: Layout) -> String {
+    let mut t = Table::headless(&[Column::keep("FIELD"), Column::keep("VALUE").wrapping()]);
     let health = i.health.as_ref();
     let rows: Vec<(&str, String)> = vec![
-        ("id", i.id.clone()),
-        ("name", i.name.clone()),
-        ("tenant", i.tenant.clone()),
-        ("engine", engine(i.engine).to_owned()),
-        ("connection_url", i.connection_url.clone()),
-        ("environment", i.environment.clone()),
-        ("labels", labels_text(i)),
+        ("id:", i.id.clone()),
+        ("name:", i.name.clone()),
+        ("tenant:", i.tenant.clone()),
+        ("engine:", engine(i.engine).to_owned()),
+        ("connection_url:", i.connection_url.clone()),
+        ("environment:", i.environment.clone()),
+        ("labels:", labels_text(i)),
         (
-            "monitoring_endpoints",
+            "monitoring:",
             i.monitoring_endpoints
                 .iter()
                 .map(|e| format!("{}={}", e.kind, e.url))
                 .collect::<Vec<_>>()
                 .join(" "),
         ),
-        ("health", health_text(health)),
+        ("health:", health_text(health)),
         (
-            "server_version",
+            "server_version:",
             health.map(|h| h.server_version.clone()).unwrap_or_default(),
         ),
         (
-            "last_error",
+            "last_error:",
             health.map(|h| h.error.clone()).unwrap_or_default(),
         ),
-        ("version", i.version.to_string()),
+        ("version:", i.version.to_string()),
         (
-            "created",
+            "created:",
             time(i.create_time.as_ref())
                 .as_str()
                 .unwrap_or_default()
                 .to_owned(),
         ),
         (
-            "updated",
+            "updated:",
             time(i.update_time.as_ref())
                 .as_str()
                 .unwrap_or_default()
@@ -159,9 +186,9 @@ pub(crate) fn instance_details(i: &Instance) -> Table {
         ),
     ];
     for (field, value) in rows {
-        t.add_row(vec![field.to_owned(), value]);
+        t.row(vec![field.to_owned(), value]);
     }
-    t
+    t.render(layout)
 }
 
 pub(crate) fn findings_json(findings: &[CheckFinding]) -> Value {
@@ -171,17 +198,30 @@ pub(crate) fn findings_json(findings: &[CheckFinding]) -> Value {
         .collect()
 }
 
-pub(crate) fn findings_table(findings: &[CheckFinding]) -> Table {
-    let mut t = table(&["CHECK", "STATUS", "DETAIL", "FIX"]);
+/// What a check found: a table of checks, then each fix on lines of its own, whole, so it
+/// can be copied (a fix is never wrapped, however long).
+pub(crate) fn findings_text(findings: &[CheckFinding], layout: Layout) -> String {
+    if findings.is_empty() {
+        return "no findings".to_owned();
+    }
+    let mut t = Table::new(&[
+        Column::keep("CHECK"),
+        Column::keep("STATUS"),
+        Column::optional("DETAIL", 1).wrapping(),
+    ]);
     for f in findings {
-        t.add_row(vec![
+        t.row(vec![
             f.name.clone(),
             status(f.status).to_owned(),
             f.detail.clone(),
-            f.fix.clone(),
         ]);
     }
-    t
+    let mut text = t.render(layout);
+    for f in findings.iter().filter(|f| !f.fix.trim().is_empty()) {
+        let fix = f.fix.trim().replace('\n', "\n  ");
+        text.push_str(&format!("\n\nto fix {}:\n  {fix}", f.name));
+    }
+    text
 }
 
 /// One event as a JSON document.
@@ -239,4 +279,34 @@ pub(crate) fn event_line(subject: &str, event: &Event) -> String {
         at.as_str().unwrap_or("-"),
         event.tenant
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_keep_every_label() {
+        let labels = [
+            "team=payments-and-billing-platform-engineering",
+            "region=eu-west-1",
+            "tier=database",
+            "owner=someone-with-a-rather-long-name",
+            "cost-center=cc-4711-infrastructure",
+        ];
+        let instance = Instance {
+            name: "orders".into(),
+            connection_url: format!("postgres://postgres@127.0.0.1:43807/{}", "k".repeat(43)),
+            labels: labels
+                .iter()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        let text = instance_details(&instance, Layout::Fit(80));
+        for label in labels {
+            assert!(text.contains(label), "{label} in\n{text}");
+        }
+    }
 }

@@ -21,9 +21,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     keel_auth::validate_tenant(&args.bootstrap_tenant)
         .context("--bootstrap-tenant / KEEL_BOOTSTRAP_TENANT")?;
     if args.service_keys_require_client_cert && args.listen.tls_client_ca_file.is_none() {
-        anyhow::bail!(
-            "--service-keys-require-client-cert needs mutual TLS: set --tls-client-ca-file / KEEL_TLS_CLIENT_CA_FILE"
-        );
+        return Err(crate::failure::Failure::Invalid.error(
+            "--service-keys-require-client-cert needs mutual TLS: set --tls-client-ca-file / KEEL_TLS_CLIENT_CA_FILE",
+        ));
     }
     let ring = keel_registry::crypto::Keys::from(key_ring(&args.encryption)?);
     let bootstrap_key = args

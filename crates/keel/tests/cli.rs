@@ -125,15 +125,30 @@ impl Keel {
 
     /// Runs the CLI with the server's settings and, if given, an API key.
     fn cli(&self, key: Option<&str>, args: &[&str]) -> Output {
+        self.cli_with(key, args, &[])
+    }
+
+    /// [`Keel::cli`] with `extra` environment variables (which win).
+    fn cli_with(&self, key: Option<&str>, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        self.command(key, args, extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run keel")
+    }
+
+    /// The CLI command, not started yet.
+    fn command(&self, key: Option<&str>, args: &[&str], extra: &[(&str, &str)]) -> Command {
         let mut command = Command::new(KEEL);
         command
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env_remove("KEEL_API_KEY");
+            .env_remove("KEEL_API_KEY")
+            .env_remove("COLUMNS")
+            .envs(extra.iter().copied());
         if let Some(key) = key {
             command.env("KEEL_API_KEY", key);
         }
-        command.stdin(Stdio::null()).output().expect("run keel")
+        command
     }
 }
 
@@ -387,28 +402,29 @@ fn serve_refuses_bad_configuration_before_connecting() {
             .output()
             .expect("run")
     };
+    // A setting to fix is exit 3, as for every other command.
     let keys = ("KEEL_ENCRYPTION_KEYS", ENCRYPTION_KEYS);
     let plaintext = ("KEEL_ALLOW_PLAINTEXT", "true");
     expect_exit(
         &serve(&["--database-url", "mysql://db/x"], &[keys, plaintext]),
-        1,
+        3,
         "use postgres://",
     );
-    expect_exit(&serve(&[], &[keys]), 1, "no TLS certificate configured");
+    expect_exit(&serve(&[], &[keys]), 3, "no TLS certificate configured");
     expect_exit(
         &serve(&["--tls-cert-file", "/nonexistent.pem"], &[keys]),
-        1,
+        3,
         "--tls-key-file",
     );
-    expect_exit(&serve(&[], &[plaintext]), 1, "no encryption keys");
+    expect_exit(&serve(&[], &[plaintext]), 3, "no encryption keys");
     expect_exit(
         &serve(&["--limit-rate", "0"], &[keys, plaintext]),
-        1,
+        3,
         "limit-rate",
     );
     expect_exit(
         &serve(&["--service-keys-require-client-cert"], &[keys, plaintext]),
-        1,
+        3,
         "needs mutual TLS",
     );
 }
@@ -520,7 +536,7 @@ async fn the_cli_speaks_mutual_tls_with_a_ca_file() {
             ca.to_str().expect("utf8"),
         ],
     );
-    expect_exit(&plain, 1, "is not https://");
+    expect_exit(&plain, 3, "is not https://");
 }
 
 const NATS_KEEL_PASSWORD: &str = "keel-cli-test-pw";
@@ -697,7 +713,8 @@ async fn events_tail_stays_inside_its_deployment_and_its_tenant() {
     );
     let args = [&tail[..], &["1", "--tenant", "globex"], &confined[..]].concat();
     let (code, out, err) = run_for(&acme_env, &args, Duration::from_secs(15)).await;
-    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    // A permission NATS refused: the exit code of a key that may not do this.
+    assert_eq!(code, Some(6), "stdout: {out}\nstderr: {err}");
     assert!(out.is_empty(), "{out}");
     assert!(
         err.contains("Permissions Violation") && err.contains("keel.*.globex.>"),
@@ -706,5 +723,706 @@ async fn events_tail_stays_inside_its_deployment_and_its_tenant() {
     assert!(
         !err.contains(NATS_ACME_PASSWORD),
         "password in an error: {err}"
+    );
+}
+
+/// Creates a key for `tenant` with `role` and `name` through the CLI; returns the key.
+fn create_key(keel: &Keel, tenant: &str, role: &str, name: &str) -> String {
+    let created = expect_exit(
+        &keel.cli(
+            None,
+            &[
+                "admin",
+                "create-key",
+                "--tenant",
+                tenant,
+                "--role",
+                role,
+                "--name",
+                name,
+                "-o",
+                "json",
+            ],
+        ),
+        0,
+        "",
+    );
+    let created: serde_json::Value = serde_json::from_str(&created).expect("json");
+    created["key"].as_str().expect("key").to_owned()
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: not JSON: {stdout}"))
+}
+
+/// Asserts what no message may contain: a gRPC code in parentheses, or a cause said twice.
+#[track_caller]
+fn assert_clean(output: &Output) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for code in [
+        "(InvalidArgument)",
+        "(NotFound)",
+        "(AlreadyExists)",
+        "(Aborted)",
+        "(Unauthenticated)",
+        "(Unavailable)",
+        "status:",
+    ] {
+        assert!(!stderr.contains(code), "{stderr:?} shows {code}");
+    }
+    assert!(stderr.matches("(os error").count() <= 1, "{stderr:?}");
+    assert!(
+        stderr.matches("tcp connect error").count() <= 1,
+        "{stderr:?}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+}
+
+/// Every exit code of README's "CLI exit codes", for instance, admin and events commands alike,
+/// each with a message that says what happened once, without gRPC codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failure_has_its_documented_exit_code_and_a_clean_message() {
+    let env = keel_testkit::TestEnv::new();
+    let keel = Keel::start(&env).await;
+    let operator = create_key(&keel, "acme", "operator", "cli");
+    let op = Some(operator.as_str());
+    let url = "postgres://app@127.0.0.1:1/shop";
+
+    // 0: success.
+    expect_exit(
+        &keel.cli(
+            op,
+            &[
+                "instance", "add", "db1", "--engine", "postgres", "--url", url,
+            ],
+        ),
+        0,
+        "",
+    );
+    // 1: a check that found something missing (nothing listens on port 1).
+    let checked = keel.cli(op, &["instance", "check", "db1"]);
+    let out = expect_exit(&checked, 1, "db1 needs attention");
+    assert!(out.contains("db1: unreachable"), "{out}");
+    assert_clean(&checked);
+
+    // 2: usage.
+    expect_exit(&keel.cli(op, &["instance", "get"]), 2, "");
+    expect_exit(&keel.cli(op, &["completion", "tcsh"]), 2, "");
+
+    // 3: invalid argument, local or the server's.
+    // (arguments, extra environment, what stderr says)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let invalid: Vec<Case<'_>> = vec![
+        (
+            vec!["instance", "update", "db1"],
+            vec![],
+            "nothing to change: pass --rename",
+        ),
+        (
+            vec!["instance", "update", "db1", "-l", "a=1", "-l", "a=2"],
+            vec![],
+            "label a given twice",
+        ),
+        (
+            vec![
+                "instance", "add", "db2", "--engine", "postgres", "--url", url, "-l", "a=1", "-l",
+                "a=1",
+            ],
+            vec![],
+            "label a given twice",
+        ),
+        (
+            vec![
+                "instance",
+                "update",
+                "db1",
+                "-l",
+                "a=1",
+                "--remove-label",
+                "a",
+            ],
+            vec![],
+            "label a is both set and removed",
+        ),
+        (
+            vec!["instance", "ls"],
+            vec![("KEEL_ENDPOINT", "127.0.0.1:50051")],
+            "invalid endpoint \"127.0.0.1:50051\" (--endpoint / KEEL_ENDPOINT): it has no scheme",
+        ),
+        (
+            vec!["instance", "add", "db2", "--engine", "redis", "--url", url],
+            vec![],
+            "use redis:// or rediss://",
+        ),
+        (
+            vec![
+                "instance",
+                "add",
+                "db2",
+                "--engine",
+                "postgres",
+                "--url",
+                "postgres://app:****@db/x",
+            ],
+            vec![],
+            "masked credential",
+        ),
+        (
+            vec![
+                "admin",
+                "create-key",
+                "--tenant",
+                "Acme",
+                "--role",
+                "viewer",
+                "--name",
+                "x",
+            ],
+            vec![],
+            "invalid tenant \"Acme\"",
+        ),
+        (
+            vec!["events", "tail", "--tenant", "Acme"],
+            vec![],
+            "--tenant: invalid tenant \"Acme\"",
+        ),
+    ];
+    for (args, extra, needle) in &invalid {
+        let output = keel.cli_with(op, args, extra);
+        expect_exit(&output, 3, needle);
+        assert_clean(&output);
+    }
+    let masked = keel.cli(
+        op,
+        &[
+            "instance",
+            "add",
+            "db2",
+            "--engine",
+            "postgres",
+            "--url",
+            "postgres://app:****@db/x",
+        ],
+    );
+    assert!(
+        !String::from_utf8_lossy(&masked.stderr).contains("update"),
+        "add talks about updates: {masked:?}"
+    );
+    let missing_file = Command::new(KEEL)
+        .args(["instance", "ls", "--api-key-file", "/nonexistent/keel-key"])
+        .envs(keel.env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env_remove("KEEL_API_KEY")
+        .output()
+        .expect("run keel");
+    expect_exit(&missing_file, 3, "cannot read /nonexistent/keel-key");
+    assert_clean(&missing_file);
+
+    // 4: not found.
+    expect_exit(&keel.cli(op, &["instance", "get", "nope"]), 4, "not found");
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let output = keel.cli(None, &["admin", "revoke-key", &unknown]);
+    expect_exit(
+        &output,
+        4,
+        &format!("no API key with id or name {unknown:?}"),
+    );
+    assert_clean(&output);
+    expect_exit(
+        &keel.cli(None, &["admin", "set-role", "nobody", "--role", "viewer"]),
+        4,
+        "no API key with id or name \"nobody\"",
+    );
+
+    // 5: conflict.
+    let output = keel.cli(
+        op,
+        &[
+            "instance", "add", "db1", "--engine", "postgres", "--url", url,
+        ],
+    );
+    expect_exit(&output, 5, "already exists");
+    assert_clean(&output);
+    let output = keel.cli(
+        None,
+        &[
+            "admin",
+            "create-key",
+            "--tenant",
+            "acme",
+            "--role",
+            "viewer",
+            "--name",
+            "cli",
+        ],
+    );
+    expect_exit(&output, 5, "already has an active API key named \"cli\"");
+    assert_clean(&output);
+    let doomed = create_key(&keel, "acme", "viewer", "doomed");
+    expect_exit(&keel.cli(None, &["admin", "revoke-key", "doomed"]), 0, "");
+    expect_exit(&keel.cli(Some(&doomed), &["instance", "ls"]), 6, "revoked");
+    expect_exit(
+        &keel.cli(None, &["admin", "revoke-key", "doomed"]),
+        5,
+        "is already revoked, since",
+    );
+    expect_exit(
+        &keel.cli(None, &["admin", "set-role", "doomed", "--role", "admin"]),
+        5,
+        "is revoked; create a new key instead",
+    );
+    // A name two tenants use needs the id (3), which then works.
+    create_key(&keel, "acme", "viewer", "shared");
+    create_key(&keel, "globex", "viewer", "shared");
+    expect_exit(
+        &keel.cli(None, &["admin", "revoke-key", "shared"]),
+        3,
+        "2 keys are named \"shared\"",
+    );
+    let keys = json(&expect_exit(
+        &keel.cli(
+            None,
+            &["admin", "list-keys", "--tenant", "globex", "-o", "json"],
+        ),
+        0,
+        "",
+    ));
+    let globex_shared = keys[0]["id"].as_str().expect("id").to_owned();
+    let out = expect_exit(
+        &keel.cli(
+            None,
+            &["admin", "set-role", &globex_shared, "--role", "operator"],
+        ),
+        0,
+        "",
+    );
+    assert!(out.contains("now has role operator"), "{out}");
+
+    // 6: authentication.
+    let output = keel.cli(None, &["instance", "ls"]);
+    expect_exit(&output, 6, "no API key");
+    assert_clean(&output);
+    expect_exit(
+        &keel.cli(
+            Some("keel_wrongwrongwrongwrongwrongwrongwrongwrong"),
+            &["instance", "ls"],
+        ),
+        6,
+        "invalid API key",
+    );
+
+    // 7: Keel, the state store or NATS unreachable.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let unreachable: Vec<(Vec<&str>, (&str, String), &str)> = vec![
+        (
+            vec!["instance", "ls"],
+            ("KEEL_ENDPOINT", format!("http://{nobody}")),
+            "cannot reach Keel",
+        ),
+        (
+            vec!["admin", "list-keys", "--database-acquire-timeout", "2s"],
+            (
+                "KEEL_DATABASE_URL",
+                format!("postgres://postgres@{nobody}/keel"),
+            ),
+            "cannot connect to the state store",
+        ),
+        (
+            vec!["events", "tail"],
+            ("KEEL_NATS_URL", format!("nats://{nobody}")),
+            "cannot connect to NATS",
+        ),
+    ];
+    for (args, (name, value), needle) in &unreachable {
+        let output = keel.cli_with(op, args, &[(name, value.as_str())]);
+        expect_exit(&output, 7, needle);
+        assert_clean(&output);
+    }
+}
+
+/// `keel … | head`: the reader goes away before the output is written. The command stops
+/// quietly (status 0), without a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_ends_the_command_quietly() {
+    let env = keel_testkit::TestEnv::new();
+    let keel = Keel::start(&env).await;
+    for n in 0..3 {
+        let name = format!("db{n}");
+        expect_exit(
+            &keel.cli(
+                Some(BOOTSTRAP_KEY),
+                &[
+                    "instance",
+                    "add",
+                    &name,
+                    "--engine",
+                    "postgres",
+                    "--url",
+                    "postgres://app@db/x",
+                ],
+            ),
+            0,
+            "",
+        );
+    }
+    for output in ["json", "table"] {
+        let mut child = keel
+            .command(Some(BOOTSTRAP_KEY), &["instance", "ls", "-o", output], &[])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keel");
+        // Closed before Keel has even answered: every write the CLI makes fails.
+        drop(child.stdout.take());
+        let done = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert_ne!(done.status.code(), Some(101), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(done.status.code(), Some(0), "-o {output}: {stderr}");
+        assert!(stderr.is_empty(), "-o {output}: {stderr}");
+    }
+}
+
+/// At 80 columns, tables fit, ids and labels stay whole, and a check's fix (SQL) is on a line
+/// of its own, whole; `-o wide` has the ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_fit_80_columns_without_breaking_a_word() {
+    let env = keel_testkit::TestEnv::new();
+    let keel = Keel::start(&env).await;
+    let target = env.database().await.expect("target database");
+    // A target missing pg_stat_statements, so the check has a fix in SQL.
+    sqlx::query("DROP EXTENSION IF EXISTS pg_stat_statements")
+        .execute(&target.pool().await.expect("pool"))
+        .await
+        .expect("drop extension");
+    // "db" first, so `--limit 1` lists it alone.
+    let names = [
+        "db",
+        "orders-primary-database-in-the-eu-west-region-for-payments",
+        "orders-replica-database-in-the-eu-west-region-for-payments",
+        "cache-of-sessions-for-the-storefront-and-the-mobile-apps",
+    ];
+    let labels = [
+        "team=payments-and-billing-platform-engineering",
+        "region=eu-west-1",
+        "tier=database",
+        "owner=someone-with-a-rather-long-name",
+        "cost-center=cc-4711-infrastructure",
+    ];
+    let columns = [("COLUMNS", "80")];
+    for name in &names {
+        let mut args = vec![
+            "instance",
+            "add",
+            name,
+            "--engine",
+            "postgres",
+            "--url",
+            &target.url,
+            "--env",
+            "production",
+        ];
+        for label in &labels {
+            args.extend(["-l", label]);
+        }
+        expect_exit(&keel.cli_with(Some(BOOTSTRAP_KEY), &args, &columns), 0, "");
+    }
+    let listed = json(&expect_exit(
+        &keel.cli(Some(BOOTSTRAP_KEY), &["instance", "ls", "-o", "json"]),
+        0,
+        "",
+    ));
+    let ids: Vec<String> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|i| i["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), names.len());
+
+    let fits = |text: &str, what: &str| {
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "{what}: {} characters: {line:?}\n{text}",
+                line.chars().count()
+            );
+        }
+    };
+    let table = expect_exit(
+        &keel.cli_with(Some(BOOTSTRAP_KEY), &["instance", "ls"], &columns),
+        0,
+        "",
+    );
+    fits(&table, "instance ls");
+    assert!(table.starts_with("NAME"), "{table}");
+    for name in &names {
+        assert!(
+            table.lines().any(|l| l.contains(name)),
+            "{name} broken or missing in\n{table}"
+        );
+    }
+    // Beside a short name the labels fit, wrapped between labels, each whole.
+    let short = expect_exit(
+        &keel.cli_with(
+            Some(BOOTSTRAP_KEY),
+            &["instance", "ls", "--limit", "1"],
+            &columns,
+        ),
+        0,
+        "",
+    );
+    fits(&short, "instance ls --limit 1");
+    assert!(
+        short.lines().count() > 2,
+        "labels on several lines:\n{short}"
+    );
+    for word in [names[0]].iter().chain(&labels) {
+        assert!(
+            short.lines().any(|l| l.contains(word)),
+            "{word} broken or missing in\n{short}"
+        );
+    }
+    let wide = expect_exit(
+        &keel.cli_with(
+            Some(BOOTSTRAP_KEY),
+            &["instance", "ls", "-o", "wide"],
+            &columns,
+        ),
+        0,
+        "",
+    );
+    for id in &ids {
+        assert!(!table.contains(id.as_str()), "no ids by default:\n{table}");
+        assert!(wide.contains(id.as_str()), "{id} not in\n{wide}");
+    }
+    let mut sorted = labels.to_vec();
+    sorted.sort();
+    assert!(wide.contains(&sorted.join(",")), "{wide}");
+
+    let details = expect_exit(
+        &keel.cli_with(
+            Some(BOOTSTRAP_KEY),
+            &["instance", "get", names[1]],
+            &columns,
+        ),
+        0,
+        "",
+    );
+    // The URL is one word wider than what is left beside the field names: it stays whole.
+    let (url_line, rest): (Vec<&str>, Vec<&str>) = details
+        .lines()
+        .partition(|l| l.starts_with("connection_url:"));
+    assert_eq!(url_line, [format!("connection_url:  {}", target.url)]);
+    fits(&rest.join("\n"), "instance get");
+    assert!(details.contains(&ids[1]), "{details}");
+    for label in &labels {
+        assert!(details.contains(label), "{label} broken in\n{details}");
+    }
+
+    let report = json(&expect_exit(
+        &keel.cli(
+            Some(BOOTSTRAP_KEY),
+            &["instance", "check", "db", "-o", "json"],
+        ),
+        1,
+        "needs attention",
+    ));
+    let fixes: Vec<String> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| f["fix"].as_str().unwrap_or_default().to_owned())
+        .filter(|fix| !fix.is_empty())
+        .collect();
+    assert!(
+        fixes
+            .iter()
+            .any(|f| f.contains("CREATE EXTENSION pg_stat_statements;")),
+        "{report}"
+    );
+    let checked = expect_exit(
+        &keel.cli_with(Some(BOOTSTRAP_KEY), &["instance", "check", "db"], &columns),
+        1,
+        "needs attention",
+    );
+    for fix in &fixes {
+        assert!(
+            checked.lines().any(|line| line == format!("  {fix}")),
+            "fix not on a line of its own:\n{fix}\nin\n{checked}"
+        );
+    }
+    let (findings, _) = checked
+        .split_once("\n\nto fix")
+        .expect("fixes after the findings");
+    fits(findings, "instance check");
+    assert!(
+        findings.contains("CHECK") && findings.contains("STATUS"),
+        "{checked}"
+    );
+
+    // An empty list says so.
+    let globex = create_key(&keel, "globex", "viewer", "empty");
+    let empty = expect_exit(&keel.cli(Some(&globex), &["instance", "ls"]), 0, "");
+    assert_eq!(empty.trim(), "no instances");
+    let keys = expect_exit(
+        &keel.cli(None, &["admin", "list-keys", "--tenant", "initech"]),
+        0,
+        "",
+    );
+    assert_eq!(keys.trim(), "no keys");
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_know_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = Command::new(KEEL)
+            .args(["completion", shell])
+            .output()
+            .expect("run keel");
+        let script = expect_exit(&output, 0, "");
+        assert!(script.len() > 200, "{shell}: {script}");
+        for word in ["instance", "events", "admin", "revoke-key"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+}
+
+/// An update that changes nothing keeps the version and sends no event; monitoring endpoints
+/// change like labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_changes_nothing_keeps_the_version() {
+    let env = keel_testkit::TestEnv::new();
+    let keel = Keel::start(&env).await;
+    let key = Some(BOOTSTRAP_KEY);
+    expect_exit(
+        &keel.cli(
+            key,
+            &[
+                "instance",
+                "add",
+                "db",
+                "--engine",
+                "postgres",
+                "--url",
+                "postgres://app@db/x",
+                "-l",
+                "a=1",
+                "--monitoring-endpoint",
+                "postgres_exporter=http://db:9187/metrics",
+            ],
+        ),
+        0,
+        "",
+    );
+    let version = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        json(&expect_exit(&keel.cli(key, &args), 0, ""))
+    };
+    let unchanged = version(&["instance", "update", "db", "--remove-label", "nothere"]);
+    assert_eq!(unchanged["version"], 1, "{unchanged}");
+    let unchanged = version(&["instance", "update", "db", "-l", "a=1"]);
+    assert_eq!(unchanged["version"], 1, "{unchanged}");
+    let said = keel.cli(key, &["instance", "update", "db", "-l", "a=1"]);
+    expect_exit(
+        &said,
+        0,
+        "already had these values; nothing changed (version 1)",
+    );
+
+    let relabelled = version(&["instance", "update", "db", "-l", "a=2"]);
+    assert_eq!(
+        (
+            relabelled["version"].as_i64(),
+            relabelled["labels"]["a"].as_str()
+        ),
+        (Some(2), Some("2"))
+    );
+    let endpoints = version(&[
+        "instance",
+        "update",
+        "db",
+        "--monitoring-endpoint",
+        "node=http://db:9100/metrics",
+        "--remove-monitoring-endpoint",
+        "postgres_exporter",
+    ]);
+    assert_eq!(endpoints["version"], 3, "{endpoints}");
+    assert_eq!(
+        endpoints["monitoring_endpoints"],
+        serde_json::json!([{"kind": "node", "url": "http://db:9100/metrics"}])
+    );
+
+    // One more event asked for than the changes made: the no-ops sent none.
+    let (_, out, err) = run_for(
+        &keel.env,
+        &[
+            "events",
+            "tail",
+            "--from-start",
+            "-o",
+            "json",
+            "--count",
+            "4",
+        ],
+        Duration::from_secs(4),
+    )
+    .await;
+    let subjects: Vec<String> = tailed(&out).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        subjects,
+        [
+            "keel.registry.acme.instance.created",
+            "keel.registry.acme.instance.updated",
+            "keel.registry.acme.instance.updated"
+        ],
+        "{err}"
+    );
+}
+
+/// Over its rate limit, Keel answers RESOURCE_EXHAUSTED with `retry-after-ms`; the CLI waits
+/// a hint that short out itself instead of failing with exit 7.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_waits_out_a_short_rate_limit_itself() {
+    let env = keel_testkit::TestEnv::new();
+    let keel = Keel::spawn(
+        &env,
+        &[
+            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
+            ("KEEL_LIMIT_RATE", "1".to_owned()),
+            ("KEEL_LIMIT_BURST", "1".to_owned()),
+        ],
+    )
+    .await;
+    keel.wait_ready(keel.http_port()).await;
+    let key = Some(BOOTSTRAP_KEY);
+    let started = Instant::now();
+    expect_exit(
+        &keel.cli(
+            key,
+            &[
+                "instance",
+                "add",
+                "db",
+                "--engine",
+                "postgres",
+                "--url",
+                "postgres://app@db/x",
+            ],
+        ),
+        0,
+        "",
+    );
+    // Two calls each (get, then update), one a second allowed.
+    for value in ["1", "2"] {
+        let label = format!("a={value}");
+        let output = keel.cli(key, &["instance", "update", "db", "-l", &label]);
+        expect_exit(&output, 0, "");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "five calls at one a second took {:?}: were they limited?",
+        started.elapsed()
     );
 }

@@ -15,7 +15,9 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 
 use crate::cli::{AdminCommand, EncryptionArgs, Output};
+use crate::failure::{Failure, Kind as _};
 use crate::output;
+use crate::table::{Column, Layout, Table};
 
 /// The key ring itself, for `rotate-key`, which takes it only from the environment
 /// or a file: never from a flag, which would show in `ps`.
@@ -42,6 +44,7 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
                         .ok()
                         .and_then(|d| chrono::Utc::now().checked_add_signed(d))
                         .context("--expires-in is too long; at most 10y is accepted")
+                        .kind(Failure::Invalid)
                 })
                 .transpose()?;
             let created = store
@@ -56,21 +59,18 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             match output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({
-                        "id": created.id, "key": created.key.expose_secret(), "prefix": created.prefix,
-                        "scope": scope_kind(&created.scope), "tenant": tenant_of(&created.scope),
-                        "role": created.role.as_str(), "name": created.name,
-                        "expires_at": expires_at.map(|t| t.to_rfc3339()),
-                    })
-                ),
-                Output::Table => {
-                    println!("{}", created.key.expose_secret());
-                    eprintln!(
+                Output::Json => output::print(serde_json::json!({
+                    "id": created.id, "key": created.key.expose_secret(), "prefix": created.prefix,
+                    "scope": scope_kind(&created.scope), "tenant": tenant_of(&created.scope),
+                    "role": created.role.as_str(), "name": created.name,
+                    "expires_at": expires_at.map(|t| t.to_rfc3339()),
+                }))?,
+                Output::Table | Output::Wide => {
+                    output::print(created.key.expose_secret())?;
+                    output::note(format_args!(
                         "created {} key {:?} for {} (id {}). This is the only time the key is shown; store it now.",
                         created.role, created.name, created.scope, created.id
-                    );
+                    ));
                 }
             }
         }
@@ -87,53 +87,50 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             };
             let store = key_store(&database).await?;
             let keys = store.list(scope.as_ref()).await?;
-            let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
-                t.map(|t| t.to_rfc3339()).unwrap_or_default()
-            };
             match output {
                 Output::Json => {
                     let keys: Vec<_> = keys.iter().map(key_json).collect();
-                    println!("{}", serde_json::Value::Array(keys));
+                    output::print(serde_json::Value::Array(keys))?;
                 }
-                Output::Table => {
-                    let mut table = output::table(&[
-                        "ID", "SCOPE", "ROLE", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED",
-                    ]);
-                    for k in &keys {
-                        table.add_row(vec![
-                            k.id.to_string(),
-                            k.scope.to_string(),
-                            k.role.to_string(),
-                            k.name.clone(),
-                            k.prefix.clone(),
-                            k.created_at.to_rfc3339(),
-                            when(k.expires_at),
-                            when(k.revoked_at),
-                        ]);
-                    }
-                    println!("{table}");
+                Output::Table | Output::Wide => {
+                    output::print(keys_table(&keys, Layout::for_output(output)))?
                 }
             }
         }
-        AdminCommand::RevokeKey { id, database } => {
+        AdminCommand::RevokeKey { key, database } => {
             let store = key_store(&database).await?;
-            store.revoke(id, &Actor::cli()).await?;
-            println!("revoked key {id}");
+            let found = find_key(&store, &key).await?;
+            if let Some(at) = found.revoked_at {
+                return Err(Failure::Conflict.error(format!(
+                    "key {} ({:?} of {}) is already revoked, since {}",
+                    found.id,
+                    found.name,
+                    found.scope,
+                    short_time(at)
+                )));
+            }
+            store.revoke(found.id, &Actor::cli()).await?;
+            output::print(format_args!(
+                "revoked key {} ({:?} of {})",
+                found.id, found.name, found.scope
+            ))?;
         }
         AdminCommand::SetRole {
-            id,
+            key,
             role,
             database,
             output,
         } => {
             let store = key_store(&database).await?;
+            let found = find_key(&store, &key).await?;
+            let id = found.id;
             let key = store.change_role(id, role, &Actor::cli()).await?;
             match output {
-                Output::Json => println!("{}", key_json(&key)),
-                Output::Table => println!(
+                Output::Json => output::print(key_json(&key))?,
+                Output::Table | Output::Wide => output::print(format_args!(
                     "key {id} ({:?} of {}) now has role {role}; servers apply it within their auth cache TTL",
                     key.name, key.scope
-                ),
+                ))?,
             }
         }
         AdminCommand::Audit {
@@ -155,22 +152,10 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
                             })
                         })
                         .collect();
-                    println!("{}", serde_json::Value::Array(entries));
+                    output::print(serde_json::Value::Array(entries))?;
                 }
-                Output::Table => {
-                    let mut table =
-                        output::table(&["AT", "ACTOR", "ACTION", "TENANT", "SUBJECT", "DETAILS"]);
-                    for e in &entries {
-                        table.add_row(vec![
-                            e.at.to_rfc3339(),
-                            e.actor.clone(),
-                            e.action.clone(),
-                            e.tenant.clone().unwrap_or_default(),
-                            e.subject.clone(),
-                            e.details.to_string(),
-                        ]);
-                    }
-                    println!("{table}");
+                Output::Table | Output::Wide => {
+                    output::print(audit_table(&entries, Layout::for_output(output)))?
                 }
             }
         }
@@ -179,19 +164,23 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
             encryption,
             batch,
         } => {
-            anyhow::ensure!(batch > 0, "--batch must be at least 1");
+            if batch < 1 {
+                return Err(Failure::Invalid.error("--batch must be at least 1"));
+            }
             let keys = Arc::new(key_ring(&encryption)?);
             let primary = keys.primary_id().to_owned();
             let pool = connect(&database).await?;
             KeyStore::migrate(&pool).await?;
             keel_registry::migrate(&pool).await?;
             let store = KeyStore::new(pool.clone(), Duration::ZERO);
-            eprintln!("re-encrypting credentials under key {primary:?}");
+            output::note(format_args!(
+                "re-encrypting credentials under key {primary:?}"
+            ));
             let total = keel_registry::rotate_keys(pool, keys, batch, |step| {
-                eprintln!(
+                output::note(format_args!(
                     "  {} re-encrypted, {} remaining",
                     step.rotated, step.remaining
-                );
+                ));
             })
             .await?;
             store
@@ -206,9 +195,9 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
                 .context(
                     "credentials were re-encrypted, but recording it in the audit log failed",
                 )?;
-            println!(
+            output::print(format_args!(
                 "rotation complete: {total} credentials re-encrypted; keys other than the first may now be removed"
-            );
+            ))?;
         }
     }
     Ok(())
@@ -216,9 +205,9 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
 
 async fn connect(database: &DatabaseConfig) -> anyhow::Result<PgPool> {
     database.validate()?;
-    keel_store::connect(database)
-        .await
-        .context("cannot open the state store")
+    // The store's error says what failed ("cannot connect to the state store: …") and decides
+    // the exit code: unreachable, missing database, refused login.
+    Ok(keel_store::connect(database).await?)
 }
 
 /// A key store on a migrated `auth` schema, so commands also work on a state store
@@ -242,8 +231,10 @@ fn scope_and_role(
         (None, true, Some(role)) => Err(keel_auth::AuthError::FleetRoleNotService(role))
             .context("--fleet with --role: leave --role out, a fleet key is always service"),
         (Some(tenant), false, Some(role)) => Ok((Scope::tenant(tenant)?, role)),
-        (Some(_), false, None) => anyhow::bail!("--role is required for a tenant's key"),
-        _ => anyhow::bail!("set exactly one of --tenant and --fleet"),
+        (Some(_), false, None) => {
+            Err(Failure::Invalid.error("--role is required for a tenant's key"))
+        }
+        _ => Err(Failure::Invalid.error("set exactly one of --tenant and --fleet")),
     }
 }
 
@@ -270,6 +261,130 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
     })
 }
 
+/// A time for people: minutes are enough, UTC.
+fn short_time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+/// The key `reference` names: its id, or its name. Of the keys with that name, the one still
+/// active is meant (revoked keys keep their names); a name several active keys share (in
+/// different scopes), or only several revoked ones, needs the id.
+async fn find_key(store: &KeyStore, reference: &str) -> anyhow::Result<KeyInfo> {
+    let keys = store.list(None).await?;
+    if let Ok(id) = uuid::Uuid::parse_str(reference)
+        && let Some(key) = keys.iter().find(|k| k.id == id)
+    {
+        return Ok(key.clone());
+    }
+    let named: Vec<&KeyInfo> = keys.iter().filter(|k| k.name == reference).collect();
+    let active: Vec<&KeyInfo> = named
+        .iter()
+        .copied()
+        .filter(|k| k.revoked_at.is_none())
+        .collect();
+    let candidates = match (&active[..], &named[..]) {
+        ([key], _) | ([], [key]) => return Ok((*key).clone()),
+        ([], []) => {
+            return Err(Failure::NotFound.error(format!(
+                "no API key with id or name {reference:?}; `keel admin list-keys` lists them"
+            )));
+        }
+        ([], _) => named,
+        _ => active,
+    };
+    let listed: Vec<String> = candidates
+        .iter()
+        .map(|k| {
+            let state = if k.revoked_at.is_some() {
+                ", revoked"
+            } else {
+                ""
+            };
+            format!("{} ({}, {}{state})", k.id, k.scope, k.role)
+        })
+        .collect();
+    Err(Failure::Invalid.error(format!(
+        "{} keys are named {reference:?}: {}; give the id of the one you mean",
+        candidates.len(),
+        listed.join(", ")
+    )))
+}
+
+/// Keys, one a row; `-o wide` adds the id, the prefix and the revocation time.
+fn keys_table(keys: &[KeyInfo], layout: Layout) -> String {
+    if keys.is_empty() {
+        return "no keys".to_owned();
+    }
+    let mut t = Table::new(&[
+        Column::keep("NAME"),
+        Column::optional("SCOPE", 1),
+        Column::optional("ROLE", 1),
+        Column::optional("STATE", 2),
+        Column::optional("CREATED", 4),
+        Column::optional("EXPIRES", 3),
+        Column::wide("PREFIX"),
+        Column::wide("REVOKED"),
+        Column::wide("ID"),
+    ]);
+    let now = chrono::Utc::now();
+    for k in keys {
+        let state = match (k.revoked_at, k.expires_at) {
+            (Some(_), _) => "revoked",
+            (None, Some(at)) if at <= now => "expired",
+            _ => "active",
+        };
+        t.row(vec![
+            k.name.clone(),
+            k.scope.to_string(),
+            k.role.to_string(),
+            state.to_owned(),
+            short_time(k.created_at),
+            k.expires_at.map(short_time).unwrap_or_default(),
+            k.prefix.clone(),
+            k.revoked_at.map(short_time).unwrap_or_default(),
+            k.id.to_string(),
+        ]);
+    }
+    t.render(layout)
+}
+
+/// The audit log, newest first; details wrap between words.
+fn audit_table(entries: &[keel_auth::AuditEntry], layout: Layout) -> String {
+    if entries.is_empty() {
+        return "no audit entries".to_owned();
+    }
+    let mut t = Table::new(&[
+        Column::keep("AT"),
+        Column::keep("ACTION"),
+        Column::optional("ACTOR", 2),
+        Column::optional("TENANT", 3),
+        Column::optional("DETAILS", 4).wrapping(),
+        Column::optional("SUBJECT", 5),
+    ]);
+    for e in entries {
+        let details = match &e.details {
+            serde_json::Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => format!("{k}={s}"),
+                    other => format!("{k}={other}"),
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            other => other.to_string(),
+        };
+        t.row(vec![
+            short_time(e.at),
+            e.action.clone(),
+            e.actor.clone(),
+            e.tenant.clone().unwrap_or_default(),
+            details,
+            e.subject.clone(),
+        ]);
+    }
+    t.render(layout)
+}
+
 /// The key ring from KEEL_ENCRYPTION_KEYS or the file; never from a flag value.
 pub(crate) fn key_ring(args: &EncryptionArgs) -> anyhow::Result<KeyRing> {
     let from_env = match std::env::var(ENCRYPTION_KEYS_ENV) {
@@ -277,24 +392,28 @@ pub(crate) fn key_ring(args: &EncryptionArgs) -> anyhow::Result<KeyRing> {
         Ok(keys) => Some(SecretString::from(keys)),
         Err(std::env::VarError::NotPresent) => None,
         Err(std::env::VarError::NotUnicode(_)) => {
-            anyhow::bail!("{ENCRYPTION_KEYS_ENV} is not valid UTF-8")
+            return Err(Failure::Invalid.error(format!("{ENCRYPTION_KEYS_ENV} is not valid UTF-8")));
         }
     };
     let spec = match (from_env, &args.encryption_keys_file) {
-        (Some(_), Some(_)) => anyhow::bail!(
-            "set either {ENCRYPTION_KEYS_ENV} or --encryption-keys-file / KEEL_ENCRYPTION_KEYS_FILE, not both"
-        ),
+        (Some(_), Some(_)) => {
+            return Err(Failure::Invalid.error(format!(
+                "set either {ENCRYPTION_KEYS_ENV} or --encryption-keys-file / KEEL_ENCRYPTION_KEYS_FILE, not both"
+            )));
+        }
         (Some(keys), None) => keys,
         (None, Some(path)) => keel_config::read_secret_file(
             "--encryption-keys-file / KEEL_ENCRYPTION_KEYS_FILE",
             path,
         )?,
-        (None, None) => anyhow::bail!(
-            "no encryption keys: set KEEL_ENCRYPTION_KEYS_FILE (or KEEL_ENCRYPTION_KEYS) to <key-id>:<base64 of 32 bytes>; \
-             generate a key with: head -c 32 /dev/urandom | base64"
-        ),
+        (None, None) => {
+            return Err(Failure::Invalid.error(
+                "no encryption keys: set KEEL_ENCRYPTION_KEYS_FILE (or KEEL_ENCRYPTION_KEYS) to <key-id>:<base64 of 32 bytes>; \
+                 generate a key with: head -c 32 /dev/urandom | base64",
+            ));
+        }
     };
-    Ok(KeyRing::parse(&spec)?)
+    KeyRing::parse(&spec).kind(Failure::Invalid)
 }
 
 #[cfg(test)]
@@ -341,9 +460,12 @@ mod tests {
             .await
             .expect("valid before");
 
-        run(AdminCommand::RevokeKey { id, database })
-            .await
-            .expect("revoke-key");
+        run(AdminCommand::RevokeKey {
+            key: id.to_string(),
+            database: database.clone(),
+        })
+        .await
+        .expect("revoke-key");
         let result = store.authenticate(key.expose_secret()).await;
         assert!(matches!(result, Err(AuthError::Revoked)), "{result:?}");
 
@@ -353,14 +475,32 @@ mod tests {
             (Actor::cli().as_str(), keel_auth::action::KEY_REVOKED)
         );
         assert_eq!(entry.subject, id.to_string());
+
+        // Again, by name: it says so, as a conflict, and records nothing more.
+        let err = run(AdminCommand::RevokeKey {
+            key: "ci".into(),
+            database,
+        })
+        .await
+        .expect_err("revoked twice");
+        assert!(
+            err.to_string().contains("is already revoked, since"),
+            "{err}"
+        );
+        assert_eq!(
+            crate::failure::classify(&err),
+            crate::failure::Failure::Conflict
+        );
+        assert_eq!(store.audit_log(10).await.expect("audit log").len(), 2);
     }
 
     #[tokio::test]
     async fn set_role_applies_on_the_next_call_and_is_audited() {
         let (store, database) = setup().await;
-        let (id, key) = create(&store, Role::Viewer).await;
+        let (_, key) = create(&store, Role::Viewer).await;
+        // By name: the tenant's only key named "ci".
         run(AdminCommand::SetRole {
-            id,
+            key: "ci".into(),
             role: Role::Operator,
             database: database.clone(),
             output: Output::Json,
@@ -466,7 +606,7 @@ mod tests {
 
         // set-role cannot take a fleet key out of the service role.
         let err = run(AdminCommand::SetRole {
-            id: keys[0].id,
+            key: keys[0].id.to_string(),
             role: Role::Admin,
             database,
             output: Output::Json,

@@ -12,6 +12,7 @@ use keel_proto::v1::Event;
 use prost::Message;
 
 use crate::cli::{EventsCommand, Output};
+use crate::failure::{Failure, Kind as _};
 use crate::output;
 
 pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
@@ -27,14 +28,22 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
         output,
     } = command;
     nats.validate()?;
-    let root = SubjectRoot::new(&nats.subject_root)?;
+    // A tenant that cannot exist matches no event: refused instead of waiting for ever.
+    if let Some(tenant) = &tenant {
+        keel_auth::validate_tenant(tenant).context("--tenant")?;
+    }
+    let root = SubjectRoot::new(&nats.subject_root)
+        .context("--nats-subject-root / KEEL_NATS_SUBJECT_ROOT")
+        .kind(Failure::Invalid)?;
     let subject = match subject {
         Some(subject) => subject,
-        None => root.filter(&Filter {
-            service: service.as_deref(),
-            tenant: tenant.as_deref(),
-            ..Filter::default()
-        })?,
+        None => root
+            .filter(&Filter {
+                service: service.as_deref(),
+                tenant: tenant.as_deref(),
+                ..Filter::default()
+            })
+            .kind(Failure::Invalid)?,
     };
     let server = keel_config::redact_url(&nats.url);
     // What the server refused (a permission, typically): requests it drops only time out, and
@@ -60,11 +69,13 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
         options = options
             .credentials_file(path)
             .await
-            .with_context(|| format!("cannot read NATS credentials {}", path.display()))?;
+            .with_context(|| format!("cannot read NATS credentials {}", path.display()))
+            .kind(Failure::Invalid)?;
     }
     let client = options
         .connect(&nats.url)
         .await
+        // Its kind (unreachable, refused credentials, a bad address) decides the exit code.
         .with_context(|| format!("cannot connect to NATS at {server}"))?;
     let jetstream = async_nats::jetstream::new(client);
     // Created on the stream by name: a confined user needs no right to read the stream's info.
@@ -90,25 +101,40 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
             if let ConsumerErrorKind::JetStream(js) = error.kind()
                 && js.error_code() == ErrorCode::STREAM_NOT_FOUND
             {
-                return anyhow::anyhow!(
+                return Failure::NotFound.error(format!(
                     "no stream {} on {server}: has `keel serve` run against this NATS with this --nats-stream?",
                     nats.stream
-                );
+                ));
             }
             let refused = refused.lock().ok().and_then(|r| r.clone());
+            // A refused request is dropped by the server and only times out: the reason, when
+            // it came, says it was a permission, not an unreachable server.
+            let kind = match (&refused, error.kind()) {
+                (Some(_), _) => Failure::Auth,
+                (None, ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request) => {
+                    Failure::Unavailable
+                }
+                (None, ConsumerErrorKind::InvalidName) => Failure::Invalid,
+                (None, _) => Failure::Other,
+            };
             let error = anyhow::Error::new(error);
-            match refused {
+            let error = match refused {
                 Some(reason) => error.context(format!(
                     "NATS refused it ({reason}): check the user's permissions for this stream, filter, consumer name and inbox prefix"
                 )),
                 None => error,
             }
-            .context(format!("cannot subscribe to {subject} on stream {}", nats.stream))
+            .context(format!("cannot subscribe to {subject} on stream {}", nats.stream));
+            kind.wrap(error)
         })?;
     let consumer_name = consumer.cached_info().name.clone();
-    let mut messages = consumer.messages().await.context("cannot pull events")?;
-    if output == Output::Table {
-        eprintln!("watching {subject} (Ctrl-C to stop)");
+    let mut messages = consumer
+        .messages()
+        .await
+        .context("cannot pull events")
+        .kind(Failure::Unavailable)?;
+    if output != Output::Json {
+        output::note(format_args!("watching {subject} (Ctrl-C to stop)"));
     }
     let mut seen = 0;
     let outcome = loop {
@@ -116,17 +142,26 @@ pub(crate) async fn run(command: EventsCommand) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break Ok(()),
             next = messages.next() => match next {
                 Some(Ok(message)) => message,
-                Some(Err(error)) => break Err(anyhow::Error::new(error).context("receiving events failed")),
+                Some(Err(error)) => break Err(Failure::Unavailable.wrap(anyhow::Error::new(error).context("receiving events failed"))),
                 None => break Ok(()),
             },
         };
         let subject = message.subject.to_string();
-        match Event::decode(message.payload.as_ref()) {
+        let printed = match Event::decode(message.payload.as_ref()) {
             Ok(event) => match output {
-                Output::Json => println!("{}", output::event_json(&subject, &event)),
-                Output::Table => println!("{}", output::event_line(&subject, &event)),
+                Output::Json => output::print(output::event_json(&subject, &event)),
+                Output::Table | Output::Wide => output::print(output::event_line(&subject, &event)),
             },
-            Err(error) => eprintln!("skipping undecodable message on {subject}: {error}"),
+            Err(error) => {
+                output::note(format_args!(
+                    "skipping undecodable message on {subject}: {error}"
+                ));
+                Ok(())
+            }
+        };
+        // The reader went away: stop, and clean up below.
+        if let Err(error) = printed {
+            break Err(error);
         }
         seen += 1;
         if count.is_some_and(|c| seen >= c) {
