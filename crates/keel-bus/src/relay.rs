@@ -252,8 +252,14 @@ impl Relay {
     /// Fails when the bus or the database did not answer; rows JetStream refused wait for
     /// their retry and do not make it fail.
     pub async fn publish_pending(&self) -> Result<usize, BusError> {
+        // Most wake-ups find a few rows: one claim takes them all. Only a full batch says a
+        // backlog is waiting, and then the claims overlap.
+        let first = self.publish_batch_or_fail().await?;
+        if !self.more_may_wait(&first) {
+            return Ok(first.published);
+        }
         let claims = (0..self.config.claims_in_flight.max(1)).map(|_| self.publish_until_done());
-        let mut published = 0;
+        let mut published = first.published;
         let mut failed = None;
         for result in futures::future::join_all(claims).await {
             match result {
@@ -266,20 +272,31 @@ impl Relay {
         failed.map_or(Ok(published), Err)
     }
 
+    /// A batch, or the error that made it stop short when JetStream did not answer.
+    async fn publish_batch_or_fail(&self) -> Result<BatchOutcome, BusError> {
+        let mut outcome = self.publish_batch().await?;
+        match outcome.unavailable.take() {
+            Some(error) => Err(BusError::JetStream {
+                operation: "publish",
+                source: error.into(),
+            }),
+            None => Ok(outcome),
+        }
+    }
+
+    /// Whether rows may be left after `outcome`: the batch was full, or dead letters freed
+    /// the rows behind them.
+    fn more_may_wait(&self, outcome: &BatchOutcome) -> bool {
+        outcome.claimed >= self.config.batch_size as usize || outcome.dead_lettered > 0
+    }
+
     /// One claim after another until a batch comes back short.
     async fn publish_until_done(&self) -> Result<usize, BusError> {
         let mut published = 0;
         loop {
-            let outcome = self.publish_batch().await?;
+            let outcome = self.publish_batch_or_fail().await?;
             published += outcome.published;
-            if let Some(error) = outcome.unavailable {
-                return Err(BusError::JetStream {
-                    operation: "publish",
-                    source: error.into(),
-                });
-            }
-            // A dead letter frees the rows behind it at once: take them in the next batch.
-            if outcome.claimed < self.config.batch_size as usize && outcome.dead_lettered == 0 {
+            if !self.more_may_wait(&outcome) {
                 return Ok(published);
             }
         }
