@@ -146,7 +146,10 @@ async fn the_readme_laptop_walkthrough_runs_from_top_to_bottom() -> anyhow::Resu
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let log = std::fs::read_to_string(work.path().join("keel.log")).unwrap_or_default();
-    let report = format!("--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- keel.log\n{log}");
+    let tail = std::fs::read_to_string(work.path().join("tail.err")).unwrap_or_default();
+    let report = format!(
+        "--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- keel.log\n{log}\n--- tail.err\n{tail}"
+    );
     drop_database(&watched.url, &state_store).await;
 
     ensure!(output.status.success(), "the walkthrough failed\n{report}");
