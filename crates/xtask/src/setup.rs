@@ -20,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "libclang-dev", // bindgen, for pg_query
     "pkg-config",
     "prometheus", // promtool, which checks what /metrics serves
+    "curl",       // the README walkthrough (tests/tests/readme.rs) waits on /readyz with it
 ];
 
 /// Where Debian puts each PostgreSQL major's server binaries.
