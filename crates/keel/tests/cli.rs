@@ -1,20 +1,21 @@
 //! The real `keel` binary end to end: `keel serve` on real PostgreSQL and NATS, driven by the CLI,
 //! checking output, exit codes, events and graceful shutdown.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+use common::{KEEL, free_port, serve_log, spawn_serve, wait_ready, with_overrides};
 const ENCRYPTION_KEYS: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 /// A well-formed key (`keel_` + 40 URL-safe characters), registered at start from a file.
 const BOOTSTRAP_KEY: &str = "keel_bootstrapbootstrapbootstrapbootstrap0000";
 
 struct Keel {
     server: Child,
-    log: PathBuf,
     env: Vec<(&'static str, String)>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Keel {
@@ -22,14 +23,6 @@ impl Drop for Keel {
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 impl Keel {
@@ -75,52 +68,17 @@ impl Keel {
             ("KEEL_BOOTSTRAP_TENANT", "acme".to_owned()),
             ("KEEL_SHUTDOWN_GRACE", "2s".to_owned()),
         ];
-        let mut env = env;
-        for (name, value) in extra {
-            env.retain(|(k, _)| k != name);
-            env.push((name, value.clone()));
-        }
-        let log = dir.path().join("serve.log");
-        let server = Command::new(KEEL)
-            .arg("serve")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::fs::File::create(dir.path().join("serve.err")).expect("log"))
-            .spawn()
-            .expect("spawn keel serve");
-        Keel {
-            server,
-            log,
-            env,
-            _dir: dir,
-        }
+        let env = with_overrides(env, extra);
+        let server = spawn_serve(&env, dir.path());
+        Keel { server, env, dir }
     }
 
     async fn wait_ready(&self, http: u16) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if http_get(http, "/readyz")
-                .await
-                .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keel serve not ready; log:\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(http, Duration::from_secs(30), self.dir.path()).await;
     }
 
     fn logs(&self) -> String {
-        let err = self.log.with_file_name("serve.err");
-        format!(
-            "{}{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default(),
-            std::fs::read_to_string(err).unwrap_or_default()
-        )
+        serve_log(self.dir.path())
     }
 
     /// Runs the CLI with the server's settings and, if given, an API key.
@@ -150,20 +108,6 @@ impl Keel {
         }
         command
     }
-}
-
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: keel\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    Some(response)
 }
 
 #[track_caller]

@@ -1,11 +1,13 @@
 //! What an operator sees of a running `keel serve`: the key ring reloaded from its file during a
 //! rotation, `/metrics` that promtool accepts, and plain, quiet logs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+use common::{KEEL, free_port, http_get, serve_log, spawn_serve, wait_ready, with_overrides};
 const K1: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const K2: &str = "k2:HwAeAR0CHAMbBBoFGQYYBxcIFgkVChQLEwwSDREOEA8=";
 /// A well-formed admin key, registered at start from a file.
@@ -26,14 +28,6 @@ impl Drop for Keel {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 impl Keel {
     /// Starts `keel serve` on `database_url` with the ring in `dir/keys`, plus `extra` settings,
     /// and waits until it is ready.
@@ -50,7 +44,7 @@ impl Keel {
             std::fs::write(&keys_file, format!("{K1}\n")).expect("write keys");
         }
         let (grpc, http) = (free_port(), free_port());
-        let mut env = vec![
+        let env = vec![
             ("KEEL_DATABASE_URL", database_url.to_owned()),
             ("KEEL_NATS_URL", nats_url.to_owned()),
             ("KEEL_ENCRYPTION_KEYS_FILE", keys_file.display().to_string()),
@@ -66,56 +60,22 @@ impl Keel {
             ("KEEL_METRICS_ANONYMOUS", "true".to_owned()),
             ("KEEL_SHUTDOWN_GRACE", "1s".to_owned()),
         ];
-        for (name, value) in extra {
-            env.retain(|(k, _)| k != name);
-            env.push((name, (*value).to_owned()));
-        }
-        let server = Command::new(KEEL)
-            .arg("serve")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env_remove("KEEL_ENCRYPTION_KEYS")
-            .env_remove("NO_COLOR")
-            .stdin(Stdio::null())
-            // Files, not a terminal: what a container runtime or systemd hands the server.
-            .stdout(std::fs::File::create(dir.path().join("serve.log")).expect("log"))
-            .stderr(std::fs::File::create(dir.path().join("serve.err")).expect("log"))
-            .spawn()
-            .expect("spawn keel serve");
+        let extra: Vec<(&'static str, String)> =
+            extra.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        let env = with_overrides(env, &extra);
+        let server = spawn_serve(&env, dir.path());
         let keel = Keel {
             server,
             env,
             http,
             dir,
         };
-        keel.wait_ready().await;
+        wait_ready(keel.http, Duration::from_secs(60), keel.dir.path()).await;
         keel
     }
 
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if http_get(self.http, "/readyz")
-                .await
-                .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keel serve not ready; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     fn log(&self) -> String {
-        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name));
-        format!(
-            "{}{}",
-            read("serve.log").unwrap_or_default(),
-            read("serve.err").unwrap_or_default()
-        )
+        serve_log(self.dir.path())
     }
 
     fn keys_file(&self) -> PathBuf {
@@ -147,20 +107,6 @@ impl Keel {
         }
         self.log()
     }
-}
-
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: keel\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    Some(response)
 }
 
 fn text(bytes: &[u8]) -> String {
