@@ -36,12 +36,6 @@ fn replace(text: &str, from: &str, to: &str) -> anyhow::Result<String> {
     Ok(text.replace(from, to))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// `(host, port, user)` of a `postgres://user@host:port/db` URL.
 fn server_of(url: &str) -> anyhow::Result<(String, String, String)> {
     let rest = url
@@ -62,7 +56,7 @@ async fn the_readme_laptop_walkthrough_runs_from_top_to_bottom() -> anyhow::Resu
     let (host, port, user) = server_of(&watched.url)?;
     let state_store = format!("readme_{}", uuid_suffix());
     let state_url = format!("postgres://{user}@{host}:{port}/{state_store}");
-    let (grpc, http) = (free_port()?, free_port()?);
+    let (grpc, http) = (keel_testkit::free_port()?, keel_testkit::free_port()?);
 
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;

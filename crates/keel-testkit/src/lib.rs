@@ -55,6 +55,7 @@ use tokio::sync::OnceCell;
 
 pub use grpc::GrpcServer;
 pub use postgres::{PostgresServer, postgres};
+pub use process::free_port;
 
 use process::{Spec, Supervised};
 

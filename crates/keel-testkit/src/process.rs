@@ -191,7 +191,7 @@ impl Drop for Supervised {
 
 /// A port that was free a moment ago. Another process may take it before the server binds it,
 /// so callers retry a failed start on a new port.
-pub(crate) fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }

@@ -10,11 +10,7 @@ pub const KEEL: &str = env!("CARGO_BIN_EXE_keel");
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    keel_testkit::free_port().expect("a free port")
 }
 
 /// `env` with each of `extra` replacing the setting of the same name, or added.
