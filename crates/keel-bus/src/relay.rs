@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -107,6 +108,14 @@ pub struct Relay {
     jetstream: jetstream::Context,
     config: RelayConfig,
     metrics: RelayMetrics,
+    claims: Arc<ClaimSql>,
+}
+
+/// The claim statements of one outbox schema, written once rather than at every batch.
+#[derive(Debug)]
+struct ClaimSql {
+    near_front: String,
+    first_of_each_key: String,
 }
 
 /// A claimed (deleted, not yet committed) outbox row.
@@ -148,12 +157,17 @@ impl Relay {
         jetstream: jetstream::Context,
         config: RelayConfig,
     ) -> Self {
+        let claims = Arc::new(ClaimSql {
+            near_front: claim_near_front_sql(outbox.schema()),
+            first_of_each_key: claim_first_of_each_key_sql(outbox.schema()),
+        });
         Self {
             pool,
             outbox,
             jetstream,
             config,
             metrics: RelayMetrics::default(),
+            claims,
         }
     }
 
@@ -314,10 +328,10 @@ impl Relay {
         // (few keys, or keys held by other claims or waiting for a retry), the first row of
         // every key, found by skipping through the (key, seq) index: that costs one probe per
         // pending key, where looking for heads row by row would read the whole backlog.
-        let mut rows = claim(&mut tx, &claim_near_front_sql(s), self.config.batch_size).await?;
+        let mut rows = claim(&mut tx, &self.claims.near_front, self.config.batch_size).await?;
         let wanted = self.config.batch_size - rows.len() as i64;
         if wanted > 0 {
-            rows.extend(claim(&mut tx, &claim_first_of_each_key_sql(s), wanted).await?);
+            rows.extend(claim(&mut tx, &self.claims.first_of_each_key, wanted).await?);
         }
         if rows.is_empty() {
             tx.commit().await?;
