@@ -1370,3 +1370,41 @@ async fn the_cli_waits_out_a_short_rate_limit_itself() {
         started.elapsed()
     );
 }
+
+/// A server that accepts connections and never answers (a hung process, a black-holing
+/// proxy) makes the CLI give up after `--timeout` with "retry" (exit 7), not hang.
+#[test]
+fn a_server_that_never_answers_times_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    // Accepted connections are kept open and never read from nor written to.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for connection in listener.incoming().take(16).flatten() {
+            held.push(connection);
+        }
+    });
+    let mut child = Command::new(KEEL)
+        .args(["instance", "ls", "--timeout", "1s"])
+        .env("KEEL_ENDPOINT", format!("http://{address}"))
+        .env(
+            "KEEL_API_KEY",
+            "keel_nobodynobodynobodynobodynobodynobody0000",
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run keel");
+    // Bounded here, so that a CLI that hangs fails this test instead of hanging the suite.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the CLI was still waiting after 10 s with --timeout 1s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("output");
+    expect_exit(&output, 7, "did not answer in time");
+}
