@@ -43,8 +43,14 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Starts every service on fresh servers, as `keel serve --target all` would.
+    /// Starts every service on fresh servers, as `keel serve --target all` would, with the
+    /// collector's default settings.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(keel_collector::CollectorConfig::default()).await
+    }
+
+    /// Starts every service on fresh servers, the collector with `collector`.
+    pub async fn start_with(collector: keel_collector::CollectorConfig) -> anyhow::Result<Self> {
         let env = keel_testkit::TestEnv::new();
         let db = env.database().await?;
         let nats_url = env.nats_url().await?;
@@ -68,6 +74,13 @@ impl Deployment {
         host.add(keel_registry::Service::new(
             Arc::new(ring),
             keel_registry::RegistryConfig::default(),
+        ))
+        .await?;
+        let state_store = SecretString::from(db.url.clone());
+        host.add(keel_collector::Service::new(
+            keel_collector::RegistryClient::new(host.in_process()),
+            keel_target::TargetConfig::default().connector("collector", Some(&state_store))?,
+            collector,
         ))
         .await?;
 
@@ -121,6 +134,57 @@ impl Deployment {
         Ok(created.key.expose_secret().to_owned())
     }
 
+    /// A second collector process on the same state store and NATS, as `keel serve --target
+    /// collector` runs it: no registry of its own, so it reads instances over gRPC with a fleet
+    /// key. Stopped when the returned token is cancelled (or dropped with the deployment).
+    pub async fn collector_replica(
+        &self,
+        config: keel_collector::CollectorConfig,
+    ) -> anyhow::Result<CollectorReplica> {
+        let fleet_key = self
+            .keys
+            .create_key(
+                NewKey::fleet(format!("collector-{}", uuid_suffix())),
+                &Actor::system("keel-e2e"),
+            )
+            .await?
+            .key;
+        let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let http_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let (grpc, http) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
+        let listen = ListenConfig {
+            shutdown_grace: Duration::from_secs(2),
+            metrics_anonymous: true,
+            ..ListenConfig::plaintext(grpc, http)
+        };
+        let host_config = HostConfig::new(
+            DatabaseConfig::from_url(self.database_url.clone()),
+            NatsConfig::from_url(self.nats_url.clone()),
+            listen,
+        );
+        let mut host = Host::connect(&host_config).await?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))?
+            .connect_lazy();
+        let state_store = SecretString::from(self.database_url.clone());
+        host.add(keel_collector::Service::new(
+            keel_collector::RegistryClient::remote(channel, fleet_key),
+            keel_target::TargetConfig::default().connector("collector", Some(&state_store))?,
+            config,
+        ))
+        .await?;
+        let stop = self.stop.child_token();
+        let served = tokio::spawn(host.serve_with_listeners(grpc_listener, http_listener, {
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        }));
+        Ok(CollectorReplica {
+            grpc,
+            http,
+            stop,
+            served,
+        })
+    }
+
     /// Runs the `keel` CLI against this deployment with `key`.
     pub fn cli(&self, key: &str, args: &[&str]) -> anyhow::Result<Output> {
         Command::new(keel_binary()?)
@@ -142,6 +206,33 @@ impl Deployment {
         }
         Ok(())
     }
+}
+
+/// A collector running in a host of its own (see [`Deployment::collector_replica`]).
+#[derive(Debug)]
+pub struct CollectorReplica {
+    /// Its gRPC listener.
+    pub grpc: SocketAddr,
+    /// Its HTTP listener.
+    pub http: SocketAddr,
+    stop: CancellationToken,
+    served: JoinHandle<Result<(), keel_service::HostError>>,
+}
+
+impl CollectorReplica {
+    /// Stops it and waits until it has drained its outbox.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.served.await.context("replica task")??;
+        Ok(())
+    }
+}
+
+fn uuid_suffix() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos().to_string())
+        .unwrap_or_default()
 }
 
 impl Drop for Deployment {

@@ -151,13 +151,19 @@ async fn metrics_handler(State(state): State<HttpState>, headers: HeaderMap) -> 
     }
     // OpenMetrics to those who ask for it (Prometheus does), the 0.0.4 text format to everyone
     // else, as the Go and Python clients do: `curl … | promtool check metrics` reads only 0.0.4.
-    let (content_type, encoded) = if accepts_openmetrics(&headers) {
-        (OPENMETRICS, state.metrics.encode())
+    let openmetrics = accepts_openmetrics(&headers);
+    let content_type = if openmetrics {
+        OPENMETRICS
     } else {
-        (PROMETHEUS_TEXT, state.metrics.encode_prometheus_text())
+        PROMETHEUS_TEXT
     };
-    match encoded {
-        Ok(text) => ([(header::CONTENT_TYPE, content_type)], text).into_response(),
+    match state.metrics.encode_chunks(openmetrics) {
+        Ok(chunks) => {
+            let body = axum::body::Body::from_stream(futures::stream::iter(
+                chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
+            ));
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
+        }
         Err(error) => {
             tracing::error!(%error, "encoding metrics failed");
             (

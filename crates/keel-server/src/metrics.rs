@@ -27,6 +27,18 @@ use prost::Message as _;
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
+    expositions: Arc<Mutex<Vec<Arc<dyn Exposition>>>>,
+}
+
+/// Metric families a service renders itself, off the request path, and hands over whole:
+/// `/metrics` appends them after the registry's without touching their content. For large,
+/// changing sets of series (a collector's view of its fleet) that must be served in
+/// milliseconds and never make a scrape wait on a database.
+pub trait Exposition: Send + Sync + std::fmt::Debug {
+    /// The families as OpenMetrics text, without `# EOF`.
+    fn openmetrics(&self) -> bytes::Bytes;
+    /// The same families in the Prometheus text format 0.0.4.
+    fn prometheus_text(&self) -> bytes::Bytes;
 }
 
 impl Metrics {
@@ -43,20 +55,68 @@ impl Metrics {
         f(&mut registry)
     }
 
+    /// Appends `exposition`'s families to every `/metrics` answer.
+    pub fn add_exposition(&self, exposition: Arc<dyn Exposition>) {
+        self.expositions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(exposition);
+    }
+
     /// The registry as OpenMetrics text, ending with `# EOF`.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        let mut text = String::new();
-        self.with_registry(|registry| {
-            prometheus_client::encoding::text::encode(&mut text, registry)
-        })?;
-        Ok(text)
+        Ok(join(self.encode_chunks(true)?))
     }
 
     /// The registry in the Prometheus text format 0.0.4, for clients that do not ask for
     /// OpenMetrics: `curl`, `promtool check metrics`, older scrapers.
     pub fn encode_prometheus_text(&self) -> Result<String, std::fmt::Error> {
-        Ok(openmetrics_to_prometheus_text(&self.encode()?))
+        Ok(join(self.encode_chunks(false)?))
     }
+
+    /// Everything `/metrics` serves, as pieces to send one after the other: the registry, then
+    /// each [`Exposition`] as it was rendered (not copied), then `# EOF` for OpenMetrics.
+    pub fn encode_chunks(&self, openmetrics: bool) -> Result<Vec<bytes::Bytes>, std::fmt::Error> {
+        let mut text = String::new();
+        self.with_registry(|registry| {
+            prometheus_client::encoding::text::encode(&mut text, registry)
+        })?;
+        // The registry's own `# EOF` goes after the expositions.
+        if let Some(body) = text.strip_suffix("# EOF\n") {
+            text.truncate(body.len());
+        }
+        let head = if openmetrics {
+            text
+        } else {
+            openmetrics_to_prometheus_text(&text)
+        };
+        let expositions = self
+            .expositions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut chunks = Vec::with_capacity(expositions.len() + 2);
+        chunks.push(bytes::Bytes::from(head));
+        for exposition in expositions {
+            chunks.push(if openmetrics {
+                exposition.openmetrics()
+            } else {
+                exposition.prometheus_text()
+            });
+        }
+        if openmetrics {
+            chunks.push(bytes::Bytes::from_static(b"# EOF\n"));
+        }
+        Ok(chunks)
+    }
+}
+
+fn join(chunks: Vec<bytes::Bytes>) -> String {
+    let mut out = String::with_capacity(chunks.iter().map(bytes::Bytes::len).sum());
+    for chunk in chunks {
+        out.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    out
 }
 
 /// Rewrites the OpenMetrics that prometheus-client writes as Prometheus text format 0.0.4.

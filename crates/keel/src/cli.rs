@@ -43,14 +43,18 @@ pub(crate) enum Target {
     All,
     /// The instance registry.
     Registry,
+    /// The metrics collector (scrapes every instance, history, /metrics, alerts).
+    Collector,
 }
 
 impl Target {
-    /// The services this target runs, in the order they start.
+    /// The services this target runs, in the order they start: the registry first, so that
+    /// services in the same process can call it in-process.
     pub(crate) fn services(self) -> &'static [Target] {
         match self {
-            Target::All => &[Target::Registry],
+            Target::All => &[Target::Registry, Target::Collector],
             Target::Registry => &[Target::Registry],
+            Target::Collector => &[Target::Collector],
         }
     }
 }
@@ -76,6 +80,8 @@ pub(crate) struct ServeArgs {
     pub(crate) targets: keel_target::TargetConfig,
     #[command(flatten)]
     pub(crate) encryption: EncryptionArgs,
+    #[command(flatten)]
+    pub(crate) collector: CollectorArgs,
     /// File holding an admin API key to register at start (e.g. a mounted Kubernetes Secret),
     /// so a new deployment can be used without `keel admin create-key`.
     #[arg(long, env = "KEEL_BOOTSTRAP_ADMIN_KEY_FILE")]
@@ -102,6 +108,74 @@ pub(crate) struct ServeArgs {
 }
 
 /// The key ring that encrypts connection credentials at rest.
+/// Settings of the collector (`--target collector` or `all`).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Collector")]
+pub(crate) struct CollectorArgs {
+    /// Scrape interval of instances without a `collector.keel.dev/interval` label.
+    #[arg(long = "collector-interval", env = "KEEL_COLLECTOR_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub(crate) interval: Duration,
+    /// Scrape timeout of instances without a `collector.keel.dev/timeout` label (at most the
+    /// interval): a target that has not answered by then counts as down.
+    #[arg(long = "collector-timeout", env = "KEEL_COLLECTOR_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) timeout: Duration,
+    /// How long history (metrics, statement deltas, resolved alerts) is kept.
+    #[arg(long = "collector-retention", env = "KEEL_COLLECTOR_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub(crate) retention: Duration,
+    /// Scrapes one replica runs at once.
+    #[arg(
+        long = "collector-concurrency",
+        env = "KEEL_COLLECTOR_CONCURRENCY",
+        default_value_t = 64
+    )]
+    pub(crate) concurrency: usize,
+    /// Most series per instance on /metrics; what is cut is counted in keel_target_series_dropped.
+    #[arg(
+        long = "collector-series-per-target",
+        env = "KEEL_COLLECTOR_SERIES_PER_TARGET",
+        default_value_t = 500
+    )]
+    pub(crate) series_per_target: usize,
+    /// Statements exposed one by one on /metrics per instance (the rest as queryid="other").
+    #[arg(
+        long = "collector-statements-exported",
+        env = "KEEL_COLLECTOR_STATEMENTS_EXPORTED",
+        default_value_t = 20
+    )]
+    pub(crate) statements_exported: usize,
+    /// JSON file of alert rule overrides: `[{"rule": "PostgresLongRunningQuery",
+    /// "match": {"env": "batch"}, "threshold": 3600, "for": "5m"}, {"rule": "…", "disabled": true}]`.
+    #[arg(
+        long = "collector-alert-rules-file",
+        env = "KEEL_COLLECTOR_ALERT_RULES_FILE"
+    )]
+    pub(crate) alert_rules_file: Option<PathBuf>,
+    /// The registry's gRPC endpoint, when this process does not run the registry itself.
+    #[arg(long = "registry-endpoint", env = "KEEL_REGISTRY_ENDPOINT")]
+    pub(crate) registry_endpoint: Option<String>,
+    /// File holding the fleet key (`keel admin create-key --fleet`) the collector calls the
+    /// registry with, when it runs apart from it.
+    #[arg(long = "fleet-key-file", env = "KEEL_FLEET_KEY_FILE")]
+    pub(crate) fleet_key_file: Option<PathBuf>,
+    /// CA certificate (PEM) of the registry's endpoint; the web PKI roots without it.
+    #[arg(long = "registry-tls-ca-file", env = "KEEL_REGISTRY_TLS_CA_FILE")]
+    pub(crate) registry_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for the registry under mutual TLS (with --registry-tls-key-file).
+    #[arg(
+        long = "registry-tls-cert-file",
+        env = "KEEL_REGISTRY_TLS_CERT_FILE",
+        requires = "registry_tls_key_file"
+    )]
+    pub(crate) registry_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --registry-tls-cert-file.
+    #[arg(
+        long = "registry-tls-key-file",
+        env = "KEEL_REGISTRY_TLS_KEY_FILE",
+        requires = "registry_tls_cert_file"
+    )]
+    pub(crate) registry_tls_key_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct EncryptionArgs {
     /// File holding the key ring, `id:base64key` entries by line or comma, the key that

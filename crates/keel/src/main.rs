@@ -2,6 +2,7 @@
 
 mod cli;
 mod client;
+mod collector;
 mod commands;
 mod failure;
 mod output;

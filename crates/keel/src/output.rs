@@ -224,6 +224,37 @@ pub(crate) fn findings_text(findings: &[CheckFinding], layout: Layout) -> String
     text
 }
 
+/// An alert's state as the CLI shows it.
+pub(crate) fn alert_state(state: i32) -> &'static str {
+    match keel_proto::v1::AlertState::try_from(state) {
+        Ok(keel_proto::v1::AlertState::Pending) => "pending",
+        Ok(keel_proto::v1::AlertState::Firing) => "firing",
+        Ok(keel_proto::v1::AlertState::Resolved) => "resolved",
+        _ => "unknown",
+    }
+}
+
+/// One alert as a JSON document.
+pub(crate) fn alert_json(a: &keel_proto::v1::Alert) -> Value {
+    let labels: std::collections::BTreeMap<_, _> = a.labels.iter().collect();
+    let annotations: std::collections::BTreeMap<_, _> = a.annotations.iter().collect();
+    json!({
+        "fingerprint": a.fingerprint,
+        "rule": a.rule,
+        "state": alert_state(a.state),
+        "tenant": a.tenant,
+        "instance_id": a.instance_id,
+        "instance_name": a.instance_name,
+        "value": a.value,
+        "threshold": a.threshold,
+        "labels": labels,
+        "annotations": annotations,
+        "active_since": time(a.active_since.as_ref()),
+        "fired_at": time(a.fired_at.as_ref()),
+        "resolved_at": time(a.resolved_at.as_ref()),
+    })
+}
+
 /// One event as a JSON document.
 pub(crate) fn event_json(subject: &str, event: &Event) -> Value {
     let payload = match &event.payload {
@@ -237,6 +268,10 @@ pub(crate) fn event_json(subject: &str, event: &Event) -> Value {
         Some(event::Payload::InstanceDeleted(p)) => json!({
             "instance_id": p.instance_id, "name": p.name, "engine": engine(p.engine), "version": p.version,
         }),
+        Some(event::Payload::AlertFiring(p)) => json!({"alert": p.alert.as_ref().map(alert_json)}),
+        Some(event::Payload::AlertResolved(p)) => {
+            json!({"alert": p.alert.as_ref().map(alert_json)})
+        }
         None => Value::Null,
     };
     json!({
@@ -272,6 +307,20 @@ pub(crate) fn event_line(subject: &str, event: &Event) -> String {
             })
             .unwrap_or_default(),
         Some(event::Payload::InstanceDeleted(p)) => format!("{} v{}", p.name, p.version),
+        Some(event::Payload::AlertFiring(keel_proto::v1::AlertFiring { alert: Some(a) }))
+        | Some(event::Payload::AlertResolved(keel_proto::v1::AlertResolved { alert: Some(a) })) => {
+            format!(
+                "{} {} on {}: {}",
+                a.rule,
+                alert_state(a.state),
+                a.instance_name,
+                a.annotations
+                    .get("summary")
+                    .map(String::as_str)
+                    .unwrap_or_default()
+            )
+        }
+        Some(event::Payload::AlertFiring(_) | event::Payload::AlertResolved(_)) => String::new(),
         None => String::new(),
     };
     format!(

@@ -18,6 +18,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let targets = args
         .targets
         .connector("registry", Some(&args.database.url))?;
+    let collector_targets = args
+        .targets
+        .connector("collector", Some(&args.database.url))?;
+    let services = args.target.services();
+    let collector_config = crate::collector::config(&args.collector)?;
     keel_auth::validate_tenant(&args.bootstrap_tenant)
         .context("--bootstrap-tenant / KEEL_BOOTSTRAP_TENANT")?;
     if args.service_keys_require_client_cert && args.listen.tls_client_ca_file.is_none() {
@@ -64,23 +69,39 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     // One line per service: what `--target` names, built from its settings.
-    for target in args.target.services() {
+    for target in services {
         match target {
-            Target::Registry => host.add(
-                keel_registry::Service::new(
-                    ring.clone(),
-                    RegistryConfig {
-                        check_timeout: args.check_timeout,
-                        targets: targets.clone(),
-                        ..RegistryConfig::default()
-                    },
+            Target::Registry => {
+                host.add(
+                    keel_registry::Service::new(
+                        ring.clone(),
+                        RegistryConfig {
+                            check_timeout: args.check_timeout,
+                            targets: targets.clone(),
+                            ..RegistryConfig::default()
+                        },
+                    )
+                    // `keel admin rotate-key` needs every server to hold the new key.
+                    .watch_keys_file(args.encryption.encryption_keys_file.clone()),
                 )
-                // `keel admin rotate-key` needs every server to hold the new key.
-                .watch_keys_file(args.encryption.encryption_keys_file.clone()),
-            ),
+                .await?;
+            }
+            Target::Collector => {
+                let registry = if services.contains(&Target::Registry) {
+                    // Added just before: called in-process, as Keel's internal fleet identity.
+                    keel_collector::RegistryClient::new(host.in_process())
+                } else {
+                    crate::collector::remote_registry(&args.collector)?
+                };
+                host.add(keel_collector::Service::new(
+                    registry,
+                    collector_targets.clone(),
+                    collector_config.clone(),
+                ))
+                .await?;
+            }
             Target::All => unreachable!("`all` expands to the services"),
         }
-        .await?;
     }
 
     // `Server::serve` logs "serving" with the bound addresses once the listeners are up.
