@@ -51,6 +51,16 @@ impl Deployment {
 
     /// Starts every service on fresh servers, the collector with `collector`.
     pub async fn start_with(collector: keel_collector::CollectorConfig) -> anyhow::Result<Self> {
+        Self::start_with_targets(collector, keel_target::TargetConfig::default()).await
+    }
+
+    /// Starts every service on fresh servers, the collector with `collector` and connecting
+    /// under `collector_targets` (the registry keeps the default policy, as when the two run
+    /// with different settings).
+    pub async fn start_with_targets(
+        collector: keel_collector::CollectorConfig,
+        collector_targets: keel_target::TargetConfig,
+    ) -> anyhow::Result<Self> {
         let env = keel_testkit::TestEnv::new();
         let db = env.database().await?;
         let nats_url = env.nats_url().await?;
@@ -79,7 +89,7 @@ impl Deployment {
         let state_store = SecretString::from(db.url.clone());
         host.add(keel_collector::Service::new(
             keel_collector::RegistryClient::new(host.in_process()),
-            keel_target::TargetConfig::default().connector("collector", Some(&state_store))?,
+            collector_targets.connector("collector", Some(&state_store))?,
             collector,
         ))
         .await?;

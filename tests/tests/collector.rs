@@ -725,3 +725,133 @@ async fn bad_requests_say_what_to_fix() -> anyhow::Result<()> {
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     keel.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_outside_the_policy_is_never_contacted_and_says_why() -> anyhow::Result<()> {
+    // The registry accepts loopback; this collector's policy denies it (set apart, as when the
+    // services of a deployment run with different settings).
+    let strict = keel_target::TargetConfig {
+        deny_networks: vec!["127.0.0.0/8".into()],
+        ..keel_target::TargetConfig::default()
+    };
+    let keel = Deployment::start_with_targets(fast(), strict).await?;
+    let operator = keel.key("acme", Role::Operator, "e2e-operator").await?;
+    let mut c = clients(&keel, &operator).await?;
+    let (port, connections) = silent_server().await?;
+    let id = register(
+        &mut c,
+        "fenced",
+        Engine::Postgres,
+        &format!("postgres://app:pw@127.0.0.1:{port}/shop"),
+        &[],
+    )
+    .await?;
+    let scraped = collect(&mut c, &id).await?;
+    let status = scraped.status.unwrap_or_default();
+    assert!(!status.up, "{status:?}");
+    assert!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.starts_with("not contacted: the target policy refuses it")),
+        "{status:?}"
+    );
+    assert!(
+        !status.problems.iter().any(|p| p.contains(":pw@")),
+        "a password in {status:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        *connections.borrow(),
+        0,
+        "the collector connected to a denied target"
+    );
+    keel.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_privileges_and_extensions_are_reported_with_their_fix() -> anyhow::Result<()> {
+    let keel = Deployment::start_with(CollectorConfig {
+        interval: Duration::from_secs(3600),
+        ..fast()
+    })
+    .await?;
+    let operator = keel.key("acme", Role::Operator, "e2e-operator").await?;
+    let mut c = clients(&keel, &operator).await?;
+
+    // A role without pg_monitor: statements of other roles are hidden, the rest is collected.
+    let db = keel.env.database().await?;
+    let mut admin = PgConnection::connect(&db.url).await?;
+    let role = format!("watcher_{}", &db.name[db.name.len() - 8..]);
+    admin
+        .execute(format!("CREATE ROLE {role} LOGIN PASSWORD 'pw'").as_str())
+        .await?;
+    admin
+        .execute(format!("GRANT CONNECT ON DATABASE \"{}\" TO {role}", db.name).as_str())
+        .await?;
+    let url = url::Url::parse(&db.url)?;
+    let limited = format!(
+        "postgres://{role}:pw@{}:{}{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432),
+        url.path()
+    );
+    let id = register(&mut c, "limited", Engine::Postgres, &limited, &[]).await?;
+    let scraped = collect(&mut c, &id).await?;
+    let status = scraped.status.clone().unwrap_or_default();
+    assert!(status.up, "{status:?}");
+    assert!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.contains(&format!("GRANT pg_monitor TO {role};"))),
+        "{status:?}"
+    );
+    assert!(
+        scraped
+            .latest
+            .iter()
+            .any(|m| m.name == "keel_pg_connections"),
+        "{scraped:?}"
+    );
+
+    // A database without pg_stat_statements: the fix is named and the rest still comes.
+    let bare = keel.env.database().await?;
+    let mut conn = PgConnection::connect(&bare.url).await?;
+    conn.execute("DROP EXTENSION pg_stat_statements").await?;
+    let id = register(&mut c, "bare", Engine::Postgres, &bare.url, &[]).await?;
+    let scraped = collect(&mut c, &id).await?;
+    let status = scraped.status.clone().unwrap_or_default();
+    assert!(status.up, "{status:?}");
+    assert!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.contains("pg_stat_statements is not installed")
+                && p.contains("CREATE EXTENSION pg_stat_statements")),
+        "{status:?}"
+    );
+    assert!(
+        scraped
+            .latest
+            .iter()
+            .any(|m| m.name == "keel_pg_database_size_bytes"),
+        "{scraped:?}"
+    );
+    let top = c
+        .collector
+        .list_top_queries(ListTopQueriesRequest {
+            instance_id: id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(top.queries.is_empty());
+    assert!(
+        top.problems
+            .iter()
+            .any(|p| p.contains("CREATE EXTENSION pg_stat_statements")),
+        "{top:?}"
+    );
+    keel.stop().await
+}

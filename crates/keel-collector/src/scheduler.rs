@@ -241,6 +241,11 @@ impl Scraper {
             Ok(Err(ReadError::Gone)) => {
                 drop(cache);
                 self.forget(target.instance_id);
+                // The registry no longer has it (an event replayed after a full sync can bring
+                // back a job for an instance deleted since): the job goes too.
+                if let Err(error) = self.drop_job(&target).await {
+                    tracing::warn!(instance = %target.instance_id, %error, "removing the job of a deleted instance failed");
+                }
                 self.inner
                     .metrics
                     .record(target.engine, "gone", started.elapsed());
@@ -321,6 +326,20 @@ impl Scraper {
             .metrics
             .record(target.engine, label, started.elapsed());
         Ok(Scraped { written, outcome })
+    }
+
+    async fn drop_job(&self, target: &Claimed) -> Result<(), CollectorError> {
+        let mut tx = self.inner.pool.begin().await?;
+        store::delete_target(
+            &mut tx,
+            target.instance_id,
+            target.registry_version,
+            &self.inner.outbox,
+            &self.inner.subjects,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Connects if needed and reads the target.
