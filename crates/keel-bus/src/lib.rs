@@ -24,7 +24,7 @@ use async_nats::jetstream;
 use keel_config::NatsConfig;
 
 pub use outbox::{Outbox, OutboxMessage};
-pub use relay::{Relay, RelayConfig};
+pub use relay::{Relay, RelayConfig, RelayMetrics};
 pub use subjects::{EventKind, Filter, SubjectError, SubjectRoot};
 
 /// Header carrying the event id, used by JetStream to drop duplicates. The typed

@@ -92,12 +92,43 @@ struct SchemaLabels {
     schema: String,
 }
 
-/// The relay's counters, by outbox schema (a handful per process).
+/// The relays' counters, by outbox schema (a handful per process). One set per process: a
+/// process with several outboxes registers it once and gives it to each relay
+/// ([`Relay::with_metrics`]), since a registry refuses no duplicate family and `/metrics` would
+/// then list each family twice.
 #[derive(Debug, Clone, Default)]
-struct RelayMetrics {
+pub struct RelayMetrics {
     published: Family<SchemaLabels, Counter>,
     refused: Family<SchemaLabels, Counter>,
     dead_letters: Family<SchemaLabels, Counter>,
+}
+
+impl RelayMetrics {
+    /// New counters registered in `registry` as `keel_outbox_published_total`,
+    /// `keel_outbox_refused_total` and `keel_outbox_dead_letters_total`, labelled by schema.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self::default();
+        metrics.register_in(registry);
+        metrics
+    }
+
+    fn register_in(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "keel_outbox_published",
+            "Outbox events acknowledged by JetStream, by outbox schema",
+            self.published.clone(),
+        );
+        registry.register(
+            "keel_outbox_refused",
+            "Publishes of outbox events that JetStream refused (retried later), by outbox schema",
+            self.refused.clone(),
+        );
+        registry.register(
+            "keel_outbox_dead_letters",
+            "Outbox events moved to the dead-letter table after too many refusals, by outbox schema",
+            self.dead_letters.clone(),
+        );
+    }
 }
 
 /// Publishes one service's outbox.
@@ -171,25 +202,16 @@ impl Relay {
         }
     }
 
-    /// Registers `keel_outbox_published_total`, `keel_outbox_refused_total` and
-    /// `keel_outbox_dead_letters_total`, labelled by schema, in `registry`. Clones of this relay
-    /// count into the same series; register once per process.
+    /// Counts into `metrics` (registered once for every relay of the process) instead of its own.
+    pub fn with_metrics(mut self, metrics: RelayMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Registers this relay's counters (see [`RelayMetrics::register`]); for a process with one
+    /// outbox. Clones of this relay count into the same series.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.register(
-            "keel_outbox_published",
-            "Outbox events acknowledged by JetStream, by outbox schema",
-            self.metrics.published.clone(),
-        );
-        registry.register(
-            "keel_outbox_refused",
-            "Publishes of outbox events that JetStream refused (retried later), by outbox schema",
-            self.metrics.refused.clone(),
-        );
-        registry.register(
-            "keel_outbox_dead_letters",
-            "Outbox events moved to the dead-letter table after too many refusals, by outbox schema",
-            self.metrics.dead_letters.clone(),
-        );
+        self.metrics.register_in(registry);
     }
 
     fn labels(&self) -> SchemaLabels {

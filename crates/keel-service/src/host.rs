@@ -115,6 +115,7 @@ pub struct Host {
     routes: RoutesBuilder,
     tasks: Vec<(&'static str, Task)>,
     relays: Vec<Relay>,
+    relay_metrics: Option<keel_bus::RelayMetrics>,
     relay_config: Option<RelayConfig>,
     services: Vec<&'static str>,
 }
@@ -169,6 +170,7 @@ impl Host {
             routes: RoutesBuilder::default(),
             tasks: Vec::new(),
             relays: Vec::new(),
+            relay_metrics: None,
             relay_config: config.relay.clone(),
             services: Vec::new(),
         };
@@ -259,15 +261,25 @@ impl Host {
                 source,
             })?;
         if let (Some(outbox), Some(config)) = (S::outbox(), &self.relay_config) {
+            // One set of relay counters for every outbox of the process, registered once.
+            let metrics = match &self.relay_metrics {
+                Some(metrics) => metrics.clone(),
+                None => {
+                    let metrics = self
+                        .server
+                        .metrics()
+                        .with_registry(keel_bus::RelayMetrics::register);
+                    self.relay_metrics = Some(metrics.clone());
+                    metrics
+                }
+            };
             let relay = Relay::new(
                 self.pool.clone(),
                 outbox,
                 self.bus.jetstream().clone(),
                 config.clone(),
-            );
-            self.server
-                .metrics()
-                .with_registry(|registry| relay.register_metrics(registry));
+            )
+            .with_metrics(metrics);
             self.relays.push(relay);
         }
         self.services.push(name);
