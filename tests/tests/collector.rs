@@ -855,3 +855,89 @@ async fn missing_privileges_and_extensions_are_reported_with_their_fix() -> anyh
     );
     keel.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_chain_shows_who_blocks_whom_in_the_api_but_no_pids_on_metrics() -> anyhow::Result<()>
+{
+    let keel = Deployment::start_with(CollectorConfig {
+        interval: Duration::from_secs(3600),
+        ..fast()
+    })
+    .await?;
+    let operator = keel.key("acme", Role::Operator, "e2e-operator").await?;
+    let mut c = clients(&keel, &operator).await?;
+    let db = keel.env.database().await?;
+    let mut holder = PgConnection::connect(&db.url).await?;
+    holder.execute("CREATE TABLE contended (x int)").await?;
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await?;
+    holder
+        .execute("BEGIN; LOCK TABLE contended IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let mut waiter = PgConnection::connect(&db.url).await?;
+    let waiter_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut waiter)
+        .await?;
+    let waiting = tokio::spawn(async move {
+        waiter
+            .execute("SELECT count(*) FROM contended")
+            .await
+            .map(|_| ())
+    });
+    let id = register(&mut c, "contended", Engine::Postgres, &db.url, &[]).await?;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let scraped = loop {
+        let scraped = collect(&mut c, &id).await?;
+        if scraped
+            .latest
+            .iter()
+            .any(|m| m.name == "keel_pg_blocked_sessions" && m.value >= 1.0)
+        {
+            break scraped;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no blocked session seen: {scraped:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let chain = scraped
+        .latest
+        .iter()
+        .find(|m| m.name == "keel_pg_lock_wait_seconds")
+        .ok_or_else(|| anyhow::anyhow!("no lock chain in {scraped:?}"))?;
+    assert_eq!(chain.labels.get("pid"), Some(&waiter_pid.to_string()));
+    assert_eq!(
+        chain.labels.get("blocked_by"),
+        Some(&holder_pid.to_string())
+    );
+    let value = |name: &str| {
+        scraped
+            .latest
+            .iter()
+            .find(|m| m.name == name && m.labels.is_empty())
+            .map(|m| m.value)
+    };
+    assert_eq!(value("keel_pg_blocking_sessions"), Some(1.0));
+
+    let body = eventually(Duration::from_secs(5), "the target on /metrics", || async {
+        let body = reqwest_metrics(keel.http).await?;
+        Ok(body
+            .contains("keel_pg_blocked_sessions{tenant=\"acme\",instance=\"contended\"} 1")
+            .then_some(body))
+    })
+    .await?;
+    assert!(
+        !body.contains("keel_pg_lock_wait_seconds"),
+        "session ids on /metrics"
+    );
+    assert!(
+        !body.contains(&format!("\"{waiter_pid}\"")),
+        "a pid on /metrics"
+    );
+    holder.execute("COMMIT").await?;
+    waiting.await??;
+    keel.stop().await
+}

@@ -25,6 +25,17 @@ pub struct Family {
     pub history: bool,
 }
 
+impl Family {
+    /// Whether `/metrics` shows it: not the families whose labels are raw session ids, which
+    /// the API returns and Prometheus must not index.
+    pub fn exposed(&self) -> bool {
+        !API_ONLY.contains(&self.name)
+    }
+}
+
+/// Families served by the API only.
+const API_ONLY: &[&str] = &[PG_LOCK_WAIT];
+
 macro_rules! families {
     ($( $ident:ident = $name:literal, $kind:ident, $history:literal, $help:literal; )*) => {
         $(
@@ -52,6 +63,7 @@ families! {
     PG_WAITING = "keel_pg_waiting_sessions", Gauge, true, "Sessions waiting on a lock";
     PG_BLOCKED = "keel_pg_blocked_sessions", Gauge, true, "Sessions blocked by another session's lock";
     PG_BLOCKING = "keel_pg_blocking_sessions", Gauge, true, "Sessions holding a lock another session waits for";
+    PG_LOCK_WAIT = "keel_pg_lock_wait_seconds", Gauge, false, "How long a blocked session has waited, with its pid and the pids blocking it (API only: pids are no Prometheus labels)";
     PG_COMMITS = "keel_pg_transactions_committed", Counter, true, "Transactions committed in the database";
     PG_ROLLBACKS = "keel_pg_transactions_rolled_back", Counter, true, "Transactions rolled back in the database";
     PG_BLKS_HIT = "keel_pg_blocks_hit", Counter, false, "Shared buffer hits in the database";
@@ -70,12 +82,12 @@ families! {
     PG_TABLE_IDX_SCANS = "keel_pg_table_index_scans", Counter, false, "Index scans of the table";
     PG_TABLE_LIVE = "keel_pg_table_live_tuples", Gauge, false, "Estimated live rows of the table";
     PG_TABLE_DEAD = "keel_pg_table_dead_tuples", Gauge, false, "Estimated dead rows of the table";
-    PG_TABLE_SIZE = "keel_pg_table_size_bytes", Gauge, false, "Size of the table (without indexes)";
+    PG_TABLE_SIZE = "keel_pg_table_size_bytes", Gauge, false, "Size of the table without indexes, from pg_class.relpages (as of its last VACUUM, ANALYZE or CREATE INDEX; read without locking the table)";
     PG_TABLE_VACUUM_AGE = "keel_pg_table_last_vacuum_age_seconds", Gauge, false, "Time since the table was last vacuumed (manually or by autovacuum)";
     PG_TABLE_ANALYZE_AGE = "keel_pg_table_last_analyze_age_seconds", Gauge, false, "Time since the table was last analysed (manually or by autovacuum)";
     PG_TABLE_WRITES = "keel_pg_table_rows_written", Counter, false, "Rows inserted, updated or deleted in the table, by operation";
     PG_INDEX_SCANS = "keel_pg_index_scans", Counter, false, "Scans of the index";
-    PG_INDEX_SIZE = "keel_pg_index_size_bytes", Gauge, false, "Size of the index";
+    PG_INDEX_SIZE = "keel_pg_index_size_bytes", Gauge, false, "Size of the index, from pg_class.relpages (as of its last VACUUM, ANALYZE or build; read without locking it)";
     PG_STATEMENT_CALLS = "keel_pg_statement_calls", Counter, false, "Executions of the statement (top statements by recent time; the rest under queryid=\"other\")";
     PG_STATEMENT_TIME = "keel_pg_statement_exec_seconds", Counter, false, "Execution time of the statement";
     PG_STATEMENT_ROWS = "keel_pg_statement_rows", Counter, false, "Rows returned or affected by the statement";

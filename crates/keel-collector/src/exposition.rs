@@ -110,6 +110,9 @@ pub(crate) fn render(
             let Some(&family) = index.get(sample.name.as_str()) else {
                 continue;
             };
+            if !FAMILIES[family].exposed() {
+                continue;
+            }
             if budget == 0 {
                 dropped += 1;
                 continue;

@@ -210,13 +210,42 @@ async fn activity(
         .await
     );
     if let Some(row) = locks {
-        out.samples.push(Sample::new(
-            c::PG_BLOCKED,
-            row.try_get::<i64, _>("blocked")? as f64,
-        ));
+        let blocked: i64 = row.try_get("blocked")?;
+        out.samples.push(Sample::new(c::PG_BLOCKED, blocked as f64));
         out.samples.push(Sample::new(
             c::PG_BLOCKING,
             row.try_get::<i64, _>("blocking")? as f64,
+        ));
+        if blocked > 0 {
+            lock_chains(conn, out).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Who blocks whom, longest waits first (at most 20): what an operator or a runbook acts on.
+async fn lock_chains(conn: &mut PgConnection, out: &mut PgScrape) -> Result<(), sqlx::Error> {
+    let rows = part!(
+        out,
+        "lock chains",
+        sqlx::query(
+            "SELECT a.pid, array_to_string(pg_blocking_pids(a.pid), ',') AS blockers, \
+                    coalesce(extract(epoch FROM now() - a.state_change), 0)::float8 AS waiting \
+             FROM pg_stat_activity a \
+             WHERE a.datname = current_database() AND a.wait_event_type = 'Lock' \
+               AND cardinality(pg_blocking_pids(a.pid)) > 0 \
+             ORDER BY a.state_change LIMIT 20",
+        )
+        .fetch_all(&mut *conn)
+        .await
+    );
+    for row in rows.into_iter().flatten() {
+        let pid: i32 = row.try_get("pid")?;
+        let blockers: String = row.try_get("blockers")?;
+        out.samples.push(Sample::labelled(
+            c::PG_LOCK_WAIT,
+            &[("pid", &pid.to_string()), ("blocked_by", &blockers)],
+            row.try_get("waiting")?,
         ));
     }
     Ok(())
@@ -303,13 +332,15 @@ async fn tables(
         out,
         "pg_stat_user_tables",
         sqlx::query(
-            "SELECT schemaname || '.' || relname AS name, seq_scan, coalesce(idx_scan, 0) AS idx_scan, \
-                    n_live_tup, n_dead_tup, n_tup_ins, n_tup_upd, n_tup_del, \
-                    extract(epoch FROM now() - greatest(last_vacuum, last_autovacuum))::float8 AS vacuum_age, \
-                    extract(epoch FROM now() - greatest(last_analyze, last_autoanalyze))::float8 AS analyze_age, \
-                    pg_table_size(relid) AS size \
-             FROM pg_stat_user_tables \
-             ORDER BY pg_total_relation_size(relid) DESC, relid LIMIT $1",
+            // Sizes from pg_class, never pg_table_size() and friends: those take a lock on the
+            // table and would wait behind any ACCESS EXCLUSIVE lock (an ALTER, a VACUUM FULL).
+            "SELECT s.schemaname || '.' || s.relname AS name, s.seq_scan, coalesce(s.idx_scan, 0) AS idx_scan, \
+                    s.n_live_tup, s.n_dead_tup, s.n_tup_ins, s.n_tup_upd, s.n_tup_del, \
+                    extract(epoch FROM now() - greatest(s.last_vacuum, s.last_autovacuum))::float8 AS vacuum_age, \
+                    extract(epoch FROM now() - greatest(s.last_analyze, s.last_autoanalyze))::float8 AS analyze_age, \
+                    c.relpages::int8 * current_setting('block_size')::int8 AS size \
+             FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
+             ORDER BY c.relpages DESC, s.relid LIMIT $1",
         )
         .bind(limits.tables)
         .fetch_all(&mut *conn)
@@ -378,10 +409,10 @@ async fn indexes(
         out,
         "pg_stat_user_indexes",
         sqlx::query(
-            "SELECT schemaname || '.' || relname AS table_name, indexrelname AS index_name, idx_scan, \
-                    pg_relation_size(indexrelid) AS size \
-             FROM pg_stat_user_indexes \
-             ORDER BY pg_relation_size(indexrelid) DESC, indexrelid LIMIT $1",
+            "SELECT s.schemaname || '.' || s.relname AS table_name, s.indexrelname AS index_name, s.idx_scan, \
+                    c.relpages::int8 * current_setting('block_size')::int8 AS size \
+             FROM pg_stat_user_indexes s JOIN pg_class c ON c.oid = s.indexrelid \
+             ORDER BY c.relpages DESC, s.indexrelid LIMIT $1",
         )
         .bind(limits.indexes)
         .fetch_all(&mut *conn)
