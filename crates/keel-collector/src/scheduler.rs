@@ -33,6 +33,12 @@ use crate::scrape::{self, postgres::PgLimits};
 use crate::statements::{self, Deltas, Snapshot};
 use crate::store::{self, Claimed, Engine, Outcome, Written};
 
+/// How long a query id whose text was asked for and not given (evicted between the two reads,
+/// or its text lost from the server's text file) is not asked for again. (Another role's
+/// statements, hidden without pg_read_all_stats, have no query id to ask with.) Reading texts reads the server's whole text
+/// file (hundreds of MB on busy servers), so only ids never asked for trigger a read.
+const TEXT_RETRY: Duration = Duration::from_secs(300);
+
 /// An open session to a target.
 enum Session {
     Postgres(sqlx::PgConnection),
@@ -46,6 +52,8 @@ struct TargetCache {
     url: Option<(SecretString, i64)>,
     session: Option<Session>,
     known_texts: Option<HashSet<i64>>,
+    /// Ids whose text was asked for and not given, and when (see [`TEXT_RETRY`]).
+    texts_unresolved: HashMap<i64, Instant>,
     /// The delta base: the `scrape_seq` it was written at, with what was written.
     base: Option<(i64, store::Base)>,
 }
@@ -379,17 +387,29 @@ impl Scraper {
                         .map_err(|e| ReadError::Failed(format!("state store: {e}")))?;
                     cache.known_texts = Some(known);
                 }
-                let known = cache
-                    .known_texts
-                    .as_ref()
-                    .map_or_else(HashSet::new, Clone::clone);
+                let mut known = cache.known_texts.take().unwrap_or_default();
+                cache
+                    .texts_unresolved
+                    .retain(|_, asked| asked.elapsed() < TEXT_RETRY);
+                // Ids asked for recently count as known: they do not trigger another read.
+                let unresolved: Vec<i64> = cache.texts_unresolved.keys().copied().collect();
+                known.extend(&unresolved);
                 let limits = PgLimits {
                     tables: self.inner.config.tables_per_target,
                     indexes: self.inner.config.indexes_per_target,
                 };
-                let read = scrape::postgres::scrape(&mut conn, &known, limits)
-                    .await
-                    .map_err(|e| ReadError::Failed(format!("the connection failed: {e}")))?;
+                let read = scrape::postgres::scrape(&mut conn, &known, limits).await;
+                for id in &unresolved {
+                    known.remove(id);
+                }
+                cache.known_texts = Some(known);
+                let read =
+                    read.map_err(|e| ReadError::Failed(format!("the connection failed: {e}")))?;
+                let now = Instant::now();
+                let given: HashSet<i64> = read.texts.iter().map(|(id, _)| *id).collect();
+                for id in read.texts_asked.iter().filter(|id| !given.contains(id)) {
+                    cache.texts_unresolved.insert(*id, now);
+                }
                 cache.session = Some(Session::Postgres(conn));
                 Ok(Read {
                     samples: read.samples,
@@ -452,6 +472,7 @@ impl Scraper {
         }
         let base = cache.base.as_ref().map(|(_, b)| b);
         let mut samples = vec![Sample::new(c::UP, 1.0)];
+        let mut problems = read.problems;
         samples.extend(read.samples);
         let previous = base.and_then(|b| b.latest.as_ref());
         let elapsed = previous.map_or(0.0, |(_, when)| {
@@ -464,6 +485,13 @@ impl Scraper {
             .and_then(|now| statements::deltas(base.and_then(|b| b.snapshot.as_ref()), now));
         if let Some(d) = &deltas {
             samples.push(Sample::new(c::PG_STATEMENTS_EVICTED, d.evicted as f64));
+            if d.evicted > 0 {
+                problems.push(format!(
+                    "pg_stat_statements evicted {} entries since the previous scrape, so the work of \
+                     rarely run statements is lost; fix: raise pg_stat_statements.max (needs a restart)",
+                    d.evicted
+                ));
+            }
         }
         if let Some(now) = &read.statements {
             statement_samples(
@@ -477,7 +505,7 @@ impl Scraper {
             at,
             duration: started.elapsed(),
             up: true,
-            problems: read.problems,
+            problems,
             samples,
             snapshot: read.statements,
             deltas,

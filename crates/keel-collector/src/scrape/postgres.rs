@@ -29,6 +29,8 @@ pub(crate) struct PgScrape {
     pub(crate) statements: Option<Snapshot>,
     /// Texts of query ids not in the caller's known set.
     pub(crate) texts: Vec<(i64, String)>,
+    /// The ids whose texts were asked for (some may not have come).
+    pub(crate) texts_asked: Vec<i64>,
     pub(crate) problems: Vec<String>,
 }
 
@@ -64,7 +66,7 @@ fn describe(error: &sqlx::Error) -> String {
 }
 
 /// Scrapes the database `conn` is connected to. `known_texts` are the query ids whose text the
-/// collector already holds.
+/// collector holds (or asked for recently); only the others' texts are read.
 pub(crate) async fn scrape(
     conn: &mut PgConnection,
     known_texts: &HashSet<i64>,
@@ -436,9 +438,6 @@ async fn indexes(
     Ok(())
 }
 
-/// The text PostgreSQL shows for another role's statement to a role without pg_read_all_stats.
-const HIDDEN_TEXT: &str = "<insufficient privilege>";
-
 async fn statements(
     conn: &mut PgConnection,
     out: &mut PgScrape,
@@ -526,19 +525,10 @@ async fn statements(
             .fetch_all(&mut *conn)
             .await
         );
-        let mut hidden = 0usize;
+        out.texts_asked = unknown.clone();
         for row in texts.into_iter().flatten() {
-            let text: String = row.try_get("query")?;
-            if text == HIDDEN_TEXT {
-                hidden += 1;
-                continue;
-            }
-            out.texts.push((row.try_get("queryid")?, text));
-        }
-        if hidden > 0 && !out.problems.iter().any(|p| p.contains("pg_monitor")) {
-            out.problems.push(format!(
-                "{hidden} statements read <insufficient privilege>; fix: GRANT pg_monitor TO the collector's role"
-            ));
+            out.texts
+                .push((row.try_get("queryid")?, row.try_get("query")?));
         }
     }
     out.statements = Some(snapshot);
