@@ -941,3 +941,67 @@ async fn a_lock_chain_shows_who_blocks_whom_in_the_api_but_no_pids_on_metrics() 
     waiting.await??;
     keel.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_past_the_retention_is_deleted() -> anyhow::Result<()> {
+    let keel = Deployment::start_with(CollectorConfig {
+        retention: Duration::from_secs(3),
+        prune_interval: Duration::from_millis(200),
+        ..fast()
+    })
+    .await?;
+    let operator = keel.key("acme", Role::Operator, "e2e-operator").await?;
+    let mut c = clients(&keel, &operator).await?;
+    let db = keel.env.database().await?;
+    let mut target = PgConnection::connect(&db.url).await?;
+    let id = register(&mut c, "brief", Engine::Postgres, &db.url, &[]).await?;
+    let pool = sqlx::PgPool::connect(&keel.database_url).await?;
+    // Scrapes every second, with statement work between them, for 6 s.
+    for _ in 0..12 {
+        target.execute("SELECT count(*) FROM pg_class").await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (oldest, rows): (Option<f64>, i64) = sqlx::query_as(
+        "SELECT extract(epoch FROM now() - min(at))::float8, count(*) FROM collector.samples WHERE instance_id = $1::uuid",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await?;
+    assert!(rows > 0, "no history at all");
+    // Retention 3 s, pruned every 0.2 s: nothing much older survives.
+    assert!(
+        oldest.is_some_and(|age| age < 4.5),
+        "history {oldest:?} s old survives a 3 s retention"
+    );
+    let old_deltas: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM collector.statement_deltas WHERE instance_id = $1::uuid AND at < now() - interval '4.5 seconds'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(old_deltas, 0);
+    let window = c
+        .collector
+        .get_instance_metrics(GetInstanceMetricsRequest {
+            instance_id: id.clone(),
+            window: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
+            names: vec!["keel_target_up".into()],
+        })
+        .await?
+        .into_inner();
+    let up = window
+        .series
+        .iter()
+        .find(|s| s.name == "keel_target_up")
+        .ok_or_else(|| anyhow::anyhow!("no up series: {window:?}"))?;
+    assert!(up.points.len() >= 2, "{up:?}");
+    assert!(
+        up.points
+            .windows(2)
+            .all(|p| p[0].at.as_ref().map(|t| t.seconds) <= p[1].at.as_ref().map(|t| t.seconds))
+    );
+    keel.stop().await
+}
