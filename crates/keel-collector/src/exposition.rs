@@ -5,14 +5,16 @@
 //! `series_per_target` series; what the budget cuts is counted in
 //! `keel_target_series_dropped`. `keel_target_up` and the scrape duration are always there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::catalog::{self as c, FAMILIES, Kind, Sample};
 use crate::store::{self, TargetView};
@@ -49,7 +51,7 @@ impl keel_server::Exposition for FleetExposition {
 
 impl FleetExposition {
     /// Renders `targets` and serves the result from now on.
-    pub(crate) fn update(&self, targets: &[TargetView], series_per_target: usize) {
+    pub(crate) fn update(&self, targets: &[&TargetView], series_per_target: usize) {
         let openmetrics = render(targets, series_per_target, true);
         let prometheus_text = render(targets, series_per_target, false);
         *self
@@ -61,7 +63,8 @@ impl FleetExposition {
         };
     }
 
-    /// Re-renders from the state store every `every` until `stop`.
+    /// Re-renders from the state store every `every` until `stop`, reading again only the
+    /// targets scraped since the last time (a target's latest scrape is tens of kB of JSON).
     pub(crate) async fn refresh(
         self: Arc<Self>,
         pool: PgPool,
@@ -69,9 +72,14 @@ impl FleetExposition {
         series_per_target: usize,
         stop: CancellationToken,
     ) {
+        let mut known: HashMap<Uuid, (Option<DateTime<Utc>>, TargetView)> = HashMap::new();
         loop {
-            match store::all_views(&pool).await {
-                Ok(views) => self.update(&views, series_per_target),
+            match refresh_views(&pool, &mut known).await {
+                Ok(()) => {
+                    let mut views: Vec<&TargetView> = known.values().map(|(_, v)| v).collect();
+                    views.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
+                    self.update(&views, series_per_target);
+                }
                 Err(error) => {
                     tracing::warn!(%error, "refreshing the fleet's metrics failed; serving the previous ones")
                 }
@@ -84,9 +92,31 @@ impl FleetExposition {
     }
 }
 
+/// Brings `known` in step with the state store: gone targets out, scraped ones read again.
+async fn refresh_views(
+    pool: &PgPool,
+    known: &mut HashMap<Uuid, (Option<DateTime<Utc>>, TargetView)>,
+) -> Result<(), sqlx::Error> {
+    let stamps = store::view_stamps(pool).await?;
+    let current: HashSet<Uuid> = stamps.iter().map(|(id, _)| *id).collect();
+    known.retain(|id, _| current.contains(id));
+    let changed: Vec<Uuid> = stamps
+        .iter()
+        .filter(|(id, at)| known.get(id).is_none_or(|(seen, _)| seen != at))
+        .map(|(id, _)| *id)
+        .collect();
+    // In pages, so one refresh after a restart does not read the whole fleet in one answer.
+    for page in changed.chunks(100) {
+        for view in store::views(pool, page).await? {
+            known.insert(view.instance_id, (view.scraped_at, view));
+        }
+    }
+    Ok(())
+}
+
 /// The text of every family, OpenMetrics or Prometheus 0.0.4 (they differ in counter names).
 pub(crate) fn render(
-    targets: &[TargetView],
+    targets: &[&TargetView],
     series_per_target: usize,
     openmetrics: bool,
 ) -> String {
@@ -99,7 +129,7 @@ pub(crate) fn render(
     let mut by_family: Vec<Vec<(&TargetView, &Sample)>> = vec![Vec::new(); FAMILIES.len()];
     let mut own: Vec<Sample> = Vec::with_capacity(targets.len() * 3);
     let mut own_owner: Vec<usize> = Vec::with_capacity(targets.len() * 3);
-    for (t, target) in targets.iter().enumerate() {
+    for (t, &target) in targets.iter().enumerate() {
         let mut budget = series_per_target;
         let mut dropped = 0usize;
         for sample in &target.latest {
@@ -136,7 +166,7 @@ pub(crate) fn render(
     }
     for (sample, &t) in own.iter().zip(&own_owner) {
         if let Some(&family) = index.get(sample.name.as_str()) {
-            by_family[family].push((&targets[t], sample));
+            by_family[family].push((targets[t], sample));
         }
     }
 
@@ -215,6 +245,7 @@ mod tests {
 
     fn target(name: &str, samples: Vec<Sample>) -> TargetView {
         TargetView {
+            instance_id: uuid::Uuid::now_v7(),
             tenant: "acme".into(),
             name: name.into(),
             engine: Engine::Postgres,
@@ -237,7 +268,7 @@ mod tests {
                 Sample::labelled(c::PG_CONNECTIONS, &[("state", "active")], 3.0),
             ],
         );
-        let om = render(std::slice::from_ref(&t), 100, true);
+        let om = render(&[&t], 100, true);
         assert!(
             om.contains("# TYPE keel_pg_transactions_committed counter\n"),
             "{om}"
@@ -260,7 +291,7 @@ mod tests {
         );
         assert!(om.contains("keel_target_scrape_duration_seconds{tenant=\"acme\",instance=\"shop\\\"db\"} 0.0125\n"), "{om}");
         assert_eq!(om.matches("keel_target_up{").count(), 1, "{om}");
-        let text = render(&[t], 100, false);
+        let text = render(&[&t], 100, false);
         assert!(
             text.contains("# TYPE keel_pg_transactions_committed_total counter\n"),
             "{text}"
@@ -272,7 +303,7 @@ mod tests {
         let many: Vec<Sample> = (0..50)
             .map(|i| Sample::labelled(c::PG_TABLE_SIZE, &[("table", &format!("t{i}"))], 1.0))
             .collect();
-        let om = render(&[target("big", many)], 10, true);
+        let om = render(&[&target("big", many)], 10, true);
         assert_eq!(om.matches("keel_pg_table_size_bytes{").count(), 10, "{om}");
         assert!(
             om.contains("keel_target_series_dropped{tenant=\"acme\",instance=\"big\"} 40\n"),

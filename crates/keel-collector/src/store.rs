@@ -705,6 +705,7 @@ async fn evaluate_alerts(
 /// A target and how its last scrape went, for the API and the exposition.
 #[derive(Debug, Clone)]
 pub(crate) struct TargetView {
+    pub(crate) instance_id: Uuid,
     pub(crate) tenant: String,
     pub(crate) name: String,
     pub(crate) engine: Engine,
@@ -722,6 +723,7 @@ const VIEW_SELECT: &str = "SELECT t.instance_id, t.tenant, t.name, t.engine, t.n
 
 fn view(row: &sqlx::postgres::PgRow) -> Result<TargetView, sqlx::Error> {
     Ok(TargetView {
+        instance_id: row.try_get("instance_id")?,
         tenant: row.try_get("tenant")?,
         name: row.try_get("name")?,
         engine: Engine::parse(row.try_get("engine")?),
@@ -753,9 +755,22 @@ pub(crate) async fn target_view(
     row.as_ref().map(view).transpose()
 }
 
-/// Every target, for the exposition.
-pub(crate) async fn all_views(pool: &PgPool) -> Result<Vec<TargetView>, sqlx::Error> {
-    let rows = sqlx::query(&format!("{VIEW_SELECT} ORDER BY t.tenant, t.name"))
+/// Every target and when it was last scraped: what tells the exposition which views to read.
+pub(crate) async fn view_stamps(
+    pool: &PgPool,
+) -> Result<Vec<(Uuid, Option<DateTime<Utc>>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT t.instance_id, s.scraped_at FROM collector.targets t \
+         LEFT JOIN collector.scrape_state s USING (instance_id)",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The views of `ids`.
+pub(crate) async fn views(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<TargetView>, sqlx::Error> {
+    let rows = sqlx::query(&format!("{VIEW_SELECT} WHERE t.instance_id = ANY($1)"))
+        .bind(ids)
         .fetch_all(pool)
         .await?;
     rows.iter().map(view).collect()
