@@ -242,10 +242,16 @@ impl Scraper {
         let mut cache = self.cache_of(target.instance_id).lock_owned().await;
         let read = tokio::time::timeout(target.timeout, self.read(&mut cache, &target)).await;
         let (mut outcome, label) = match read {
-            Ok(Ok(read)) => (
-                self.outcome(&mut cache, &target, at, started, read).await?,
-                "ok",
-            ),
+            Ok(Ok(read)) => match self.outcome(&mut cache, &target, at, started, read).await {
+                Ok(outcome) => (outcome, "ok"),
+                Err(error) => {
+                    tracing::warn!(instance = %target.instance_id, %error, "reading a scrape's delta base failed");
+                    self.inner
+                        .metrics
+                        .record(target.engine, "error", started.elapsed());
+                    return Err(error);
+                }
+            },
             Ok(Err(ReadError::Gone)) => {
                 drop(cache);
                 self.forget(target.instance_id);
@@ -377,7 +383,7 @@ impl Scraper {
         // Taken out for the scrape: put back only after it went well.
         let session = match cache.session.take() {
             Some(session) => session,
-            None => self.connect(target.engine, url).await?,
+            None => self.connect(target, url).await?,
         };
         match session {
             Session::Postgres(mut conn) => {
@@ -433,13 +439,22 @@ impl Scraper {
         }
     }
 
-    async fn connect(&self, engine: Engine, url: &SecretString) -> Result<Session, ReadError> {
+    async fn connect(&self, target: &Claimed, url: &SecretString) -> Result<Session, ReadError> {
         let connector = &self.inner.connector;
-        let result = match engine {
-            Engine::Postgres => connector
-                .connect_postgres(url.expose_secret())
-                .await
-                .map(Session::Postgres),
+        let result = match target.engine {
+            Engine::Postgres => match connector.connect_postgres(url.expose_secret()).await {
+                Ok(mut conn) => {
+                    // The server gives up on a query when the scrape does, instead of running
+                    // it on for the connector's general statement timeout.
+                    let limit = target.timeout.min(connector.session().statement_timeout);
+                    let timeout = format!("SET statement_timeout = {}", limit.as_millis().max(1));
+                    match sqlx::Executor::execute(&mut conn, timeout.as_str()).await {
+                        Ok(_) => Ok(Session::Postgres(conn)),
+                        Err(error) => Err(TargetError::Postgres(error)),
+                    }
+                }
+                Err(error) => Err(error),
+            },
             Engine::Redis => connector
                 .connect_redis(url.expose_secret())
                 .await

@@ -26,7 +26,8 @@ pub(crate) async fn scrape(
     conn: &mut MultiplexedConnection,
 ) -> Result<RedisScrape, redis::RedisError> {
     let mut out = RedisScrape::default();
-    let info: String = redis::cmd("INFO").arg("all").query_async(conn).await?;
+    // The default sections hold everything read here; `INFO all` adds per-command tables.
+    let info: String = redis::cmd("INFO").query_async(conn).await?;
     out.samples = info_samples(&parse_info(&info));
 
     match redis::cmd("SLOWLOG")
