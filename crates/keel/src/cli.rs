@@ -611,7 +611,7 @@ mod tests {
             .filter_map(|t| t.to_possible_value())
             .map(|v| v.get_name().to_owned())
             .collect();
-        assert_eq!(targets, ["all", "registry"]);
+        assert_eq!(targets, ["all", "registry", "collector"]);
         // Each offered service is one `all` runs.
         for target in Target::value_variants() {
             if *target != Target::All {
