@@ -22,6 +22,14 @@ pub(crate) enum Command {
     /// Register, inspect and check database instances.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// Show what the collector scraped from an instance: scrape status, latest values, history.
+    Metrics(MetricsArgs),
+    /// Show an instance's statements by the time they took (from pg_stat_statements).
+    #[command(subcommand)]
+    Queries(QueriesCommand),
+    /// Show the alerts the collector's rules raised.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
     /// Watch Keel's events.
     #[command(subcommand)]
     Events(EventsCommand),
@@ -350,6 +358,81 @@ pub(crate) enum InstanceCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Have the collector scrape an instance now and show how it went (exit 1 if it could
+    /// not reach the instance); the next scheduled scrape moves to one interval after it.
+    Collect {
+        /// Name or id.
+        instance: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `keel metrics`.
+#[derive(Debug, Args)]
+pub(crate) struct MetricsArgs {
+    /// Name or id of the instance.
+    pub(crate) instance: String,
+    /// Also the history over this window ending now, e.g. 15m, 1h or 2d (at most the
+    /// collector's retention): first, last, lowest and highest value of each series, every
+    /// point with -o json.
+    #[arg(long)]
+    pub(crate) window: Option<String>,
+    /// Only this metric, e.g. keel_pg_connections; repeatable.
+    #[arg(long = "name", short = 'n', value_name = "NAME")]
+    pub(crate) names: Vec<String>,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum QueriesCommand {
+    /// The statements that took the most execution time over a window, with their share of
+    /// the instance's total.
+    Top {
+        /// Name or id of a PostgreSQL instance.
+        instance: String,
+        /// The window ending now, e.g. 15m, 1h or 1d (at most the collector's retention).
+        #[arg(long, default_value = "1h")]
+        window: String,
+        /// Most statements to show.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i32).range(1..=1000))]
+        limit: i32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AlertsCommand {
+    /// List pending and firing alerts, newest first.
+    Ls {
+        /// Only this instance's alerts (name or id).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Also resolved alerts (those still within the collector's retention).
+        #[arg(long)]
+        all: bool,
+        /// Most alerts to show.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i32).range(1..=1000))]
+        limit: i32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// A `--window` value: a duration above zero, parsed like every duration setting. Read by
+/// the command rather than by clap, so that a bad window is an invalid argument (exit 3)
+/// with the fix, as the server's refusal of one longer than its retention is.
+pub(crate) fn parse_window(raw: &str) -> anyhow::Result<Duration> {
+    let invalid = |why: String| crate::failure::Failure::Invalid.error(format!("--window: {why}"));
+    let window = parse_duration(raw).map_err(invalid)?;
+    if window.is_zero() {
+        return Err(invalid(format!(
+            "{raw:?} is no window; give one above zero, e.g. 15m or 1h"
+        )));
+    }
+    Ok(window)
 }
 
 #[derive(Debug, Subcommand)]
@@ -618,6 +701,35 @@ mod tests {
                 assert!(Target::All.services().contains(target), "{target:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_window_is_a_duration_above_zero_or_an_invalid_argument() {
+        assert_eq!(parse_window("1h").expect("1h"), Duration::from_secs(3600));
+        assert_eq!(
+            parse_window("2d").expect("2d"),
+            Duration::from_secs(2 * 86_400)
+        );
+        for (raw, says) in [
+            ("an hour", "--window: \"an hour\" is not a duration"),
+            ("0s", "--window: \"0s\" is no window"),
+            ("0", "is no window"),
+        ] {
+            let error = parse_window(raw).expect_err(raw);
+            assert_eq!(
+                crate::failure::classify(&error),
+                crate::failure::Failure::Invalid,
+                "{raw}"
+            );
+            assert!(error.to_string().contains(says), "{raw}: {error}");
+        }
+        // Parsed by the command (exit 3), not by clap (exit 2).
+        let cli = Cli::try_parse_from(["keel", "metrics", "db", "--window", "soon"])
+            .expect("parsed as text");
+        let Command::Metrics(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(args.window.as_deref(), Some("soon"));
     }
 
     #[test]

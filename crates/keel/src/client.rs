@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use keel_proto::v1::collector_service_client::CollectorServiceClient;
 use keel_proto::v1::registry_service_client::RegistryServiceClient;
 use keel_proto::v1::*;
 use secrecy::{ExposeSecret, SecretString};
@@ -90,39 +91,94 @@ fn tls_config(args: &ClientArgs, uri: &Uri) -> anyhow::Result<Option<ClientTlsCo
     Ok(Some(tls))
 }
 
-type Inner = RegistryServiceClient<InterceptedService<Channel, Credentials>>;
+/// A connection to one Keel server: the channel, and the API key every call on it carries.
+/// Each service's client wrapper ([`Registry`], [`Collector`]) is made from one, so a command
+/// that calls several services connects once.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    channel: Channel,
+    credentials: Credentials,
+}
 
 /// The registry, each call retried while Keel asks for a short wait (see [`retrying`]).
 #[derive(Clone)]
 pub(crate) struct Registry {
-    inner: Inner,
+    inner: RegistryServiceClient<InterceptedService<Channel, Credentials>>,
+}
+
+impl Registry {
+    pub(crate) fn new(connection: &Connection) -> Registry {
+        Registry {
+            inner: RegistryServiceClient::with_interceptor(
+                connection.channel.clone(),
+                connection.credentials.clone(),
+            ),
+        }
+    }
+}
+
+/// The collector, each call retried like the registry's.
+#[derive(Clone)]
+pub(crate) struct Collector {
+    inner: CollectorServiceClient<InterceptedService<Channel, Credentials>>,
+}
+
+impl Collector {
+    pub(crate) fn new(connection: &Connection) -> Collector {
+        Collector {
+            inner: CollectorServiceClient::with_interceptor(
+                connection.channel.clone(),
+                connection.credentials.clone(),
+            ),
+        }
+    }
+}
+
+/// A failed call as the command reports it. UNIMPLEMENTED means the process behind the
+/// endpoint does not run the service (`keel serve --target` without it): said so, as
+/// "unavailable" (exit 7), since another server of the deployment may run it.
+fn call_failed(status: tonic::Status, service: &str) -> anyhow::Error {
+    if status.code() == tonic::Code::Unimplemented {
+        return Failure::Unavailable.error(format!(
+            "this Keel server does not run the {service} (keel serve --target all or {service})"
+        ));
+    }
+    status.into()
 }
 
 macro_rules! calls {
-    ($($method:ident($request:ty) -> $response:ty;)*) => {
-        impl Registry {
+    ($client:ident, $service:literal, { $($method:ident($request:ty) -> $response:ty;)* }) => {
+        impl $client {
             $(
-                pub(crate) async fn $method(&self, request: $request) -> Result<$response, tonic::Status> {
+                pub(crate) async fn $method(&self, request: $request) -> anyhow::Result<$response> {
                     retrying(|| {
                         let mut inner = self.inner.clone();
                         let request = request.clone();
                         async move { inner.$method(request).await }
                     })
                     .await
+                    .map_err(|status| call_failed(status, $service))
                 }
             )*
         }
     };
 }
 
-calls! {
+calls!(Registry, "registry", {
     create_instance(CreateInstanceRequest) -> CreateInstanceResponse;
     get_instance(GetInstanceRequest) -> GetInstanceResponse;
     list_instances(ListInstancesRequest) -> ListInstancesResponse;
     update_instance(UpdateInstanceRequest) -> UpdateInstanceResponse;
     delete_instance(DeleteInstanceRequest) -> DeleteInstanceResponse;
     check_instance(CheckInstanceRequest) -> CheckInstanceResponse;
-}
+});
+
+calls!(Collector, "collector", {
+    get_instance_metrics(GetInstanceMetricsRequest) -> GetInstanceMetricsResponse;
+    list_top_queries(ListTopQueriesRequest) -> ListTopQueriesResponse;
+    list_alerts(ListAlertsRequest) -> ListAlertsResponse;
+    collect_now(CollectNowRequest) -> CollectNowResponse;
+});
 
 /// How long Keel asked the caller to wait before calling again, if it refused the call for
 /// its rate limit: the `retry-after-ms` metadata, else the "retry in N ms" of its message.
@@ -170,6 +226,11 @@ where
 
 /// Connects to the registry named by `args`.
 pub(crate) async fn registry(args: &ClientArgs) -> anyhow::Result<Registry> {
+    Ok(Registry::new(&connect(args).await?))
+}
+
+/// Connects to the Keel server named by `args`, with its API key and TLS settings.
+pub(crate) async fn connect(args: &ClientArgs) -> anyhow::Result<Connection> {
     let uri = endpoint_uri(&args.endpoint)?;
     let key = match (
         std::env::var("KEEL_API_KEY").ok().filter(|k| !k.is_empty()),
@@ -218,8 +279,9 @@ pub(crate) async fn registry(args: &ClientArgs) -> anyhow::Result<Registry> {
             args.endpoint
         ))
     })?;
-    Ok(Registry {
-        inner: RegistryServiceClient::with_interceptor(channel, Credentials { authorization }),
+    Ok(Connection {
+        channel,
+        credentials: Credentials { authorization },
     })
 }
 
@@ -302,6 +364,22 @@ mod tests {
         let (result, calls) = run(vec![tonic::Status::unavailable("down")]).await;
         assert_eq!(calls, 1);
         assert!(result.is_err());
+    }
+
+    #[test]
+    fn a_service_the_server_does_not_run_is_unavailable_and_named() {
+        let error = call_failed(tonic::Status::unimplemented(""), "collector");
+        assert_eq!(crate::failure::classify(&error), Failure::Unavailable);
+        assert_eq!(
+            crate::failure::message(&error),
+            "this Keel server does not run the collector (keel serve --target all or collector)"
+        );
+        let error = call_failed(
+            tonic::Status::not_found("instance x not found"),
+            "collector",
+        );
+        assert_eq!(crate::failure::classify(&error), Failure::NotFound);
+        assert_eq!(crate::failure::message(&error), "instance x not found");
     }
 
     #[test]

@@ -21,6 +21,9 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args).await,
         Command::Instance(command) => commands::instance::run(command).await,
+        Command::Metrics(args) => commands::metrics::run(args).await,
+        Command::Queries(command) => commands::queries::run(command).await,
+        Command::Alerts(command) => commands::alerts::run(command).await,
         Command::Events(command) => commands::events::run(command).await,
         Command::Admin(command) => commands::admin::run(command).await,
         Command::Completion { shell } => completion(shell),

@@ -13,6 +13,11 @@ const GAP: usize = 2;
 const DEFAULT_WIDTH: usize = 80;
 /// Narrowest a wrapping column is made to keep a line within the width.
 const MIN_WRAP_WIDTH: usize = 10;
+/// Narrowest a truncating column is made before other columns are dropped: less of a query's
+/// text than this says too little to be worth the column.
+const MIN_TRUNCATE_WIDTH: usize = 30;
+/// What ends a cell cut to fit its column.
+const ELLIPSIS: char = '…';
 
 /// How wide a table may be: the terminal's, else `$COLUMNS`, else 80.
 pub(crate) fn terminal_width() -> usize {
@@ -60,6 +65,9 @@ pub(crate) struct Column {
     drop_order: u8,
     /// Cells may wrap between words.
     wrap: bool,
+    /// Cells may be cut to the column's width, ending in `…` (text that is shown whole
+    /// elsewhere: `-o wide`, `-o json`).
+    truncate: bool,
     /// Shown only with `-o wide`.
     wide_only: bool,
 }
@@ -71,6 +79,7 @@ impl Column {
             header,
             drop_order: 0,
             wrap: false,
+            truncate: false,
             wide_only: false,
         }
     }
@@ -81,6 +90,7 @@ impl Column {
             header,
             drop_order: order,
             wrap: false,
+            truncate: false,
             wide_only: false,
         }
     }
@@ -91,6 +101,7 @@ impl Column {
             header,
             drop_order: u8::MAX,
             wrap: false,
+            truncate: false,
             wide_only: true,
         }
     }
@@ -98,6 +109,15 @@ impl Column {
     /// The same column, its cells wrapping between words.
     pub(crate) const fn wrapping(self) -> Column {
         Column { wrap: true, ..self }
+    }
+
+    /// The same column, its cells cut to what the terminal leaves it (never below 30
+    /// characters, or the header's width), ending in `…`; whole with `-o wide`.
+    pub(crate) const fn truncating(self) -> Column {
+        Column {
+            truncate: true,
+            ..self
+        }
     }
 }
 
@@ -158,7 +178,13 @@ impl Table {
                 .unwrap_or(0)
         };
         let least = |i: usize| {
-            if layout == Layout::Wide || !self.columns[i].wrap {
+            if layout == Layout::Wide {
+                return natural(i);
+            }
+            if self.columns[i].truncate {
+                return natural(i).min(header_width(i).max(MIN_TRUNCATE_WIDTH));
+            }
+            if !self.columns[i].wrap {
                 return natural(i);
             }
             self.rows
@@ -207,7 +233,7 @@ impl Table {
                     // what is left (the wide word overflows alone, the rest still fits).
                     let mut over = used - limit;
                     for &i in shown.iter().rev() {
-                        if self.columns[i].wrap {
+                        if self.columns[i].wrap || self.columns[i].truncate {
                             let floor = header_width(i).max(MIN_WRAP_WIDTH);
                             let less = widths[i].saturating_sub(floor).min(over);
                             widths[i] -= less;
@@ -239,10 +265,14 @@ impl Table {
                 .iter()
                 .map(|&i| {
                     let text = cell(row, i);
-                    if layout == Layout::Wide || !self.columns[i].wrap {
+                    if layout == Layout::Wide {
                         vec![text]
-                    } else {
+                    } else if self.columns[i].truncate {
+                        vec![truncate(&text, widths[i])]
+                    } else if self.columns[i].wrap {
                         wrap(&text, widths[i])
+                    } else {
+                        vec![text]
                     }
                 })
                 .collect();
@@ -294,6 +324,17 @@ fn words(text: &str) -> Vec<(&str, &'static str)> {
         out.push((rest, joiner));
     }
     out
+}
+
+/// `text` cut to at most `limit` characters, the last of them `…` when it was cut.
+fn truncate(text: &str, limit: usize) -> String {
+    if width(text) <= limit {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(limit.saturating_sub(1)).collect();
+    cut.truncate(cut.trim_end().len());
+    cut.push(ELLIPSIS);
+    cut
 }
 
 /// `text` in lines of at most `limit` characters, broken only between words.
@@ -398,6 +439,43 @@ mod tests {
             assert!(line.chars().count() <= 30, "{line:?} in\n{text}");
         }
         assert_eq!(text.lines().count(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_truncating_column_takes_what_is_left_and_ends_in_an_ellipsis() {
+        let text = "SELECT o.id, o.total FROM orders o JOIN customers c ON c.id = o.customer_id WHERE c.region = $1";
+        let table = |layout| {
+            let mut t = Table::new(&[
+                Column::optional("QUERYID", 2),
+                Column::keep("CALLS"),
+                Column::optional("ROWS", 3),
+                Column::keep("TEXT").truncating(),
+            ]);
+            t.row(vec![
+                "-8270145529340217213".into(),
+                "12".into(),
+                "120".into(),
+                text.into(),
+            ]);
+            t.render(layout)
+        };
+        let fitted = table(Layout::Fit(60));
+        for line in fitted.lines() {
+            assert!(line.chars().count() <= 60, "{line:?} in\n{fitted}");
+        }
+        assert_eq!(fitted.lines().count(), 2, "one line a row:\n{fitted}");
+        assert!(fitted.contains("-8270145529340217213"), "{fitted}");
+        assert!(!fitted.contains("ROWS"), "dropped first:\n{fitted}");
+        let row = fitted.lines().nth(1).expect("row");
+        assert!(row.ends_with('…') && row.chars().count() == 60, "{row:?}");
+        // Narrower, the id goes before the text is cut below 30 characters.
+        let narrow = table(Layout::Fit(45));
+        assert!(!narrow.contains("-8270145529340217213"), "{narrow}");
+        assert!(narrow.lines().all(|l| l.chars().count() <= 45), "{narrow}");
+        // Whole with -o wide.
+        assert!(table(Layout::Wide).contains(text));
+        assert_eq!(truncate("abc", 3), "abc");
+        assert_eq!(truncate("abc def", 5), "abc…");
     }
 
     #[test]

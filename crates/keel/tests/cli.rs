@@ -748,6 +748,20 @@ async fn every_failure_has_its_documented_exit_code_and_a_clean_message() {
     let out = expect_exit(&checked, 1, "db1 needs attention");
     assert!(out.contains("db1: unreachable"), "{out}");
     assert_clean(&checked);
+    // And a scrape that cannot reach it, after saying why.
+    let collected = keel.cli(op, &["instance", "collect", "db1"]);
+    let out = expect_exit(
+        &collected,
+        1,
+        "db1 could not be scraped: see the problems above",
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("scrape:") && l.ends_with(" down")),
+        "{out}"
+    );
+    assert!(out.contains("problems of the last scrape:"), "{out}");
+    assert_clean(&collected);
 
     // 2: usage.
     expect_exit(&keel.cli(op, &["instance", "get"]), 2, "");
@@ -830,6 +844,26 @@ async fn every_failure_has_its_documented_exit_code_and_a_clean_message() {
             vec![],
             "--tenant: invalid tenant \"Acme\"",
         ),
+        (
+            vec!["metrics", "db1", "--window", "an hour"],
+            vec![],
+            "--window: \"an hour\" is not a duration",
+        ),
+        (
+            vec!["queries", "top", "db1", "--window", "0s"],
+            vec![],
+            "--window: \"0s\" is no window",
+        ),
+        (
+            vec!["metrics", "db1", "--window", "30d"],
+            vec![],
+            "longer than the history kept",
+        ),
+        (
+            vec!["metrics", "db1", "--name", "pg_up"],
+            vec![],
+            "no metric is named \"pg_up\"",
+        ),
     ];
     for (args, extra, needle) in &invalid {
         let output = keel.cli_with(op, args, extra);
@@ -863,6 +897,16 @@ async fn every_failure_has_its_documented_exit_code_and_a_clean_message() {
 
     // 4: not found.
     expect_exit(&keel.cli(op, &["instance", "get", "nope"]), 4, "not found");
+    for args in [
+        &["metrics", "nope"][..],
+        &["queries", "top", "nope"],
+        &["alerts", "ls", "--instance", "nope"],
+        &["instance", "collect", "nope"],
+    ] {
+        let output = keel.cli(op, args);
+        expect_exit(&output, 4, "instance named \"nope\" not found");
+        assert_clean(&output);
+    }
     let unknown = uuid::Uuid::now_v7().to_string();
     let output = keel.cli(None, &["admin", "revoke-key", &unknown]);
     expect_exit(
@@ -945,6 +989,11 @@ async fn every_failure_has_its_documented_exit_code_and_a_clean_message() {
     let output = keel.cli(None, &["instance", "ls"]);
     expect_exit(&output, 6, "no API key");
     assert_clean(&output);
+    let viewer = create_key(&keel, "acme", "viewer", "watcher");
+    expect_exit(&keel.cli(Some(&viewer), &["metrics", "db1"]), 0, "");
+    let output = keel.cli(Some(&viewer), &["instance", "collect", "db1"]);
+    expect_exit(&output, 6, "role viewer may not start a scrape");
+    assert_clean(&output);
     expect_exit(
         &keel.cli(
             Some("keel_wrongwrongwrongwrongwrongwrongwrongwrong"),
@@ -974,6 +1023,11 @@ async fn every_failure_has_its_documented_exit_code_and_a_clean_message() {
             vec!["events", "tail"],
             ("KEEL_NATS_URL", format!("nats://{nobody}")),
             "cannot connect to NATS",
+        ),
+        (
+            vec!["alerts", "ls"],
+            ("KEEL_ENDPOINT", format!("http://{nobody}")),
+            "cannot reach Keel",
         ),
     ];
     for (args, (name, value), needle) in &unreachable {
@@ -1205,16 +1259,385 @@ async fn tables_fit_80_columns_without_breaking_a_word() {
         "{checked}"
     );
 
+    // The collector's tables: a scrape's status, its values and their history fit; each
+    // problem (pg_stat_statements is missing) is on a line of its own, whole, with its fix.
+    let scraped = json(&expect_exit(
+        &keel.cli(
+            Some(BOOTSTRAP_KEY),
+            &["instance", "collect", "db", "-o", "json"],
+        ),
+        0,
+        "",
+    ));
+    let problems: Vec<String> = scraped["status"]["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("CREATE EXTENSION pg_stat_statements")),
+        "{scraped}"
+    );
+    for args in [
+        &["instance", "collect", "db"][..],
+        &["metrics", "db"],
+        &["metrics", "db", "--window", "1h"],
+    ] {
+        let text = expect_exit(&keel.cli_with(Some(BOOTSTRAP_KEY), args, &columns), 0, "");
+        let (status, rest) = text
+            .split_once("\n\nproblems of the last scrape:\n")
+            .unwrap_or_else(|| panic!("{args:?}: no problems in\n{text}"));
+        fits(status, &args.join(" "));
+        let (listed, after) = rest.split_once("\n\n").unwrap_or((rest, ""));
+        assert_eq!(
+            listed.lines().map(str::to_owned).collect::<Vec<_>>(),
+            problems
+                .iter()
+                .map(|p| format!("  {p}"))
+                .collect::<Vec<_>>(),
+            "{args:?}: problems whole, a line each:\n{text}"
+        );
+        fits(after, &args.join(" "));
+    }
+    let top = keel.cli_with(Some(BOOTSTRAP_KEY), &["queries", "top", "db"], &columns);
+    let table = expect_exit(&top, 0, "CREATE EXTENSION pg_stat_statements");
+    fits(&table, "queries top");
+    assert!(table.contains("no statements in the window"), "{table}");
+
+    // An instance nobody answers for: its KeelTargetDown alert is pending from its first
+    // failed scrape, and the alerts table fits beside its long name.
+    let down = "payments-ledger-database-in-the-eu-west-region";
+    expect_exit(
+        &keel.cli(
+            Some(BOOTSTRAP_KEY),
+            &[
+                "instance",
+                "add",
+                down,
+                "--engine",
+                "postgres",
+                "--url",
+                "postgres://app@127.0.0.1:1/ledger",
+            ],
+        ),
+        0,
+        "",
+    );
+    expect_exit(
+        &keel.cli(Some(BOOTSTRAP_KEY), &["instance", "collect", down]),
+        1,
+        "could not be scraped",
+    );
+    let alerts = expect_exit(
+        &keel.cli_with(Some(BOOTSTRAP_KEY), &["alerts", "ls"], &columns),
+        0,
+        "",
+    );
+    fits(&alerts, "alerts ls");
+    assert!(alerts.starts_with("RULE"), "{alerts}");
+    assert!(
+        alerts
+            .lines()
+            .any(|l| l.starts_with("KeelTargetDown") && l.contains("pending") && l.contains(down)),
+        "{alerts}"
+    );
+    let listed = json(&expect_exit(
+        &keel.cli(
+            Some(BOOTSTRAP_KEY),
+            &["alerts", "ls", "--instance", down, "-o", "json"],
+        ),
+        0,
+        "",
+    ));
+    assert_eq!(listed[0]["rule"], "KeelTargetDown", "{listed}");
+    assert_eq!(listed[0]["state"], "pending", "{listed}");
+    let wide = expect_exit(
+        &keel.cli_with(
+            Some(BOOTSTRAP_KEY),
+            &["alerts", "ls", "-o", "wide"],
+            &columns,
+        ),
+        0,
+        "",
+    );
+    assert!(
+        wide.contains(listed[0]["fingerprint"].as_str().expect("fingerprint")),
+        "{wide}"
+    );
+
     // An empty list says so.
     let globex = create_key(&keel, "globex", "viewer", "empty");
     let empty = expect_exit(&keel.cli(Some(&globex), &["instance", "ls"]), 0, "");
     assert_eq!(empty.trim(), "no instances");
+    let none = expect_exit(&keel.cli(Some(&globex), &["alerts", "ls"]), 0, "");
+    assert_eq!(none.trim(), "no alerts");
     let keys = expect_exit(
         &keel.cli(None, &["admin", "list-keys", "--tenant", "initech"]),
         0,
         "",
     );
     assert_eq!(keys.trim(), "no keys");
+}
+
+/// The collector's commands on `keel serve --target all` and a real PostgreSQL: a scrape on
+/// demand, the statements it saw ranked by time, the latest values in their units, their
+/// history, and the (empty) list of alerts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collector_commands_show_what_it_read_from_a_real_postgres() {
+    let env = keel_testkit::TestEnv::new();
+    // Scheduled scrapes far apart: the test's own `instance collect` decides what the deltas
+    // cover.
+    let keel = Keel::spawn(
+        &env,
+        &[
+            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
+            ("KEEL_COLLECTOR_INTERVAL", "1h".to_owned()),
+        ],
+    )
+    .await;
+    keel.wait_ready(keel.http_port()).await;
+    let key = Some(BOOTSTRAP_KEY);
+    let target = env.database().await.expect("target database");
+    let pool = target.pool().await.expect("pool");
+    sqlx::query("CREATE TABLE cli_marker (x int)")
+        .execute(&pool)
+        .await
+        .expect("create table");
+    expect_exit(
+        &keel.cli(
+            key,
+            &[
+                "instance",
+                "add",
+                "shop",
+                "--engine",
+                "postgres",
+                "--url",
+                &target.url,
+            ],
+        ),
+        0,
+        "",
+    );
+
+    // The baseline scrape, then the work it is compared with.
+    let first = json(&expect_exit(
+        &keel.cli(key, &["instance", "collect", "shop", "-o", "json"]),
+        0,
+        "",
+    ));
+    assert_eq!(first["instance"], "shop", "{first}");
+    assert_eq!(first["status"]["up"], true, "{first}");
+    assert!(first["status"]["scraped_at"].is_string(), "{first}");
+    assert!(
+        first["latest"]
+            .as_array()
+            .expect("latest")
+            .iter()
+            .any(|m| m["name"] == "keel_pg_connections"),
+        "{first}"
+    );
+    for _ in 0..5 {
+        sqlx::query("SELECT count(*) FROM cli_marker WHERE x = 1")
+            .execute(&pool)
+            .await
+            .expect("query");
+    }
+    let collected = expect_exit(&keel.cli(key, &["instance", "collect", "shop"]), 0, "");
+    assert!(
+        collected
+            .lines()
+            .any(|l| l.starts_with("scrape:") && l.ends_with(" up")),
+        "{collected}"
+    );
+    assert!(
+        collected.contains("values read; `keel metrics shop` shows them"),
+        "{collected}"
+    );
+
+    let top = json(&expect_exit(
+        &keel.cli(key, &["queries", "top", "shop", "-o", "json"]),
+        0,
+        "",
+    ));
+    let marker: Vec<&serde_json::Value> = top["queries"]
+        .as_array()
+        .expect("queries")
+        .iter()
+        .filter(|q| q["text"].as_str().is_some_and(|t| t.contains("cli_marker")))
+        .collect();
+    assert_eq!(marker.len(), 1, "{top}");
+    assert_eq!(
+        marker[0]["calls"], 5,
+        "five calls after the baseline: {top}"
+    );
+    assert!(
+        marker[0]["query_id"]
+            .as_str()
+            .is_some_and(|id| id.parse::<i64>().is_ok()),
+        "{top}"
+    );
+    assert!(
+        top["total_exec_seconds"].as_f64().is_some_and(|t| t > 0.0),
+        "{top}"
+    );
+    assert!(top["covered_from"].is_string(), "{top}");
+    let table = expect_exit(&keel.cli(key, &["queries", "top", "shop"]), 0, "");
+    // Without a terminal or $COLUMNS, 80 characters; texts are cut to fit.
+    for line in table.lines() {
+        assert!(line.chars().count() <= 80, "{line:?} in\n{table}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("CALLS") || l.starts_with("QUERYID")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("SELECT count(*) FROM cli_marker")),
+        "{table}"
+    );
+    let wide = expect_exit(
+        &keel.cli(
+            key,
+            &["queries", "top", "shop", "-o", "wide", "--limit", "1000"],
+        ),
+        0,
+        "",
+    );
+    assert!(
+        wide.contains("SELECT count(*) FROM cli_marker WHERE x = $1"),
+        "the whole text in -o wide:\n{wide}"
+    );
+
+    let metrics = expect_exit(&keel.cli(key, &["metrics", "shop"]), 0, "");
+    assert!(metrics.starts_with("instance:"), "{metrics}");
+    let size = metrics
+        .lines()
+        .find(|l| l.starts_with("keel_pg_database_size_bytes "))
+        .unwrap_or_else(|| panic!("no database size in\n{metrics}"));
+    assert!(size.contains(" MiB ") || size.contains(" KiB "), "{size}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keel_pg_connections ") && l.contains("state=")),
+        "{metrics}"
+    );
+    let only = expect_exit(
+        &keel.cli(key, &["metrics", "shop", "--name", "keel_pg_connections"]),
+        0,
+        "",
+    );
+    let (_, values) = only.split_once("\nNAME").expect("a table after the status");
+    assert!(
+        values
+            .lines()
+            .skip(1)
+            .all(|l| l.starts_with("keel_pg_connections ")),
+        "{only}"
+    );
+
+    let history = json(&expect_exit(
+        &keel.cli(key, &["metrics", "shop", "--window", "1h", "-o", "json"]),
+        0,
+        "",
+    ));
+    let size = history["series"]
+        .as_array()
+        .expect("series")
+        .iter()
+        .find(|s| s["name"] == "keel_pg_database_size_bytes")
+        .unwrap_or_else(|| panic!("no size history in {history}"));
+    assert!(
+        size["points"].as_array().is_some_and(|p| p.len() >= 2),
+        "a point per scrape: {size}"
+    );
+    assert_eq!(history["window_seconds"], 3600.0, "{history}");
+    let summary = expect_exit(
+        &keel.cli(
+            key,
+            &[
+                "metrics",
+                "shop",
+                "--window",
+                "1h",
+                "--name",
+                "keel_pg_database_size_bytes",
+            ],
+        ),
+        0,
+        "",
+    );
+    let (_, rows) = summary
+        .split_once("\nNAME")
+        .expect("a table after the status");
+    assert!(
+        rows.lines().next().is_some_and(|h| h.contains("LAST")),
+        "{summary}"
+    );
+    assert_eq!(rows.lines().count(), 2, "one series:\n{summary}");
+
+    expect_exit(&keel.cli(key, &["alerts", "ls"]), 0, "");
+    let all = json(&expect_exit(
+        &keel.cli(
+            key,
+            &["alerts", "ls", "--all", "--instance", "shop", "-o", "json"],
+        ),
+        0,
+        "",
+    ));
+    assert!(all.is_array(), "{all}");
+}
+
+/// A server that runs the registry alone: the registry's commands work, the collector's say
+/// which server they need, as "unavailable" (exit 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_commands_on_a_registry_only_server_say_what_to_run() {
+    let env = keel_testkit::TestEnv::new();
+    let keel = Keel::spawn(
+        &env,
+        &[
+            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
+            ("KEEL_TARGET", "registry".to_owned()),
+        ],
+    )
+    .await;
+    keel.wait_ready(keel.http_port()).await;
+    let key = Some(BOOTSTRAP_KEY);
+    expect_exit(
+        &keel.cli(
+            key,
+            &[
+                "instance",
+                "add",
+                "db1",
+                "--engine",
+                "postgres",
+                "--url",
+                "postgres://app@db/x",
+            ],
+        ),
+        0,
+        "",
+    );
+    expect_exit(&keel.cli(key, &["instance", "get", "db1"]), 0, "");
+    let needle =
+        "this Keel server does not run the collector (keel serve --target all or collector)";
+    for args in [
+        &["metrics", "db1"][..],
+        &["queries", "top", "db1"],
+        &["alerts", "ls"],
+        &["instance", "collect", "db1"],
+    ] {
+        let output = keel.cli(key, args);
+        expect_exit(&output, 7, needle);
+        assert_clean(&output);
+    }
 }
 
 #[test]
@@ -1226,7 +1649,16 @@ fn completions_for_bash_zsh_and_fish_know_the_commands() {
             .expect("run keel");
         let script = expect_exit(&output, 0, "");
         assert!(script.len() > 200, "{shell}: {script}");
-        for word in ["instance", "events", "admin", "revoke-key"] {
+        for word in [
+            "instance",
+            "events",
+            "admin",
+            "revoke-key",
+            "metrics",
+            "queries",
+            "alerts",
+            "collect",
+        ] {
             assert!(script.contains(word), "{shell} completion lacks {word}");
         }
     }

@@ -7,7 +7,7 @@ use prost_types::FieldMask;
 use secrecy::ExposeSecret;
 
 use crate::cli::{ClientArgs, EngineArg, InstanceCommand, Output};
-use crate::client::{self, Registry};
+use crate::client::{self, Collector, Registry};
 use crate::failure::Failure;
 use crate::output;
 use crate::table::Layout;
@@ -239,6 +239,46 @@ pub(crate) async fn run(command: InstanceCommand) -> anyhow::Result<()> {
                 )));
             }
         }
+        InstanceCommand::Collect { instance, client } => {
+            let connection = client::connect(&client).await?;
+            let current = resolve(&Registry::new(&connection), &instance).await?;
+            let scraped = Collector::new(&connection)
+                .collect_now(CollectNowRequest {
+                    instance_id: current.id.clone(),
+                })
+                .await?;
+            let status = scraped.status.unwrap_or_default();
+            match client.output {
+                Output::Json => output::print(serde_json::json!({
+                    "instance_id": current.id,
+                    "instance": current.name,
+                    "status": output::scrape_status_json(&status),
+                    "latest": output::metrics_json(&scraped.latest),
+                }))?,
+                Output::Table | Output::Wide => {
+                    output::print(output::scrape_status_text(
+                        &current.name,
+                        output::engine(current.engine),
+                        &status,
+                        Layout::for_output(client.output),
+                    ))?;
+                    if status.up {
+                        output::print(format_args!(
+                            "\n{} values read; `keel metrics {}` shows them",
+                            scraped.latest.len(),
+                            current.name
+                        ))?;
+                    }
+                }
+            }
+            if !status.up {
+                // As a check that cannot reach the instance: a failure for scripts.
+                return Err(Failure::Other.error(format!(
+                    "{} could not be scraped: see the problems above",
+                    current.name
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -313,7 +353,7 @@ fn merge_endpoints(
 }
 
 /// Finds an instance by id or, failing the UUID form, by name.
-async fn resolve(registry: &Registry, instance: &str) -> anyhow::Result<Instance> {
+pub(crate) async fn resolve(registry: &Registry, instance: &str) -> anyhow::Result<Instance> {
     let request = if uuid::Uuid::parse_str(instance).is_ok() {
         GetInstanceRequest {
             id: instance.to_owned(),

@@ -1,5 +1,8 @@
 //! The client subcommands.
 
 pub(crate) mod admin;
+pub(crate) mod alerts;
 pub(crate) mod events;
 pub(crate) mod instance;
+pub(crate) mod metrics;
+pub(crate) mod queries;
