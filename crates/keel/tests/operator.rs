@@ -1,5 +1,6 @@
 //! What an operator sees of a running `keel serve`: the key ring reloaded from its file during a
-//! rotation, `/metrics` that promtool accepts, and plain, quiet logs.
+//! rotation, `/metrics` that promtool accepts and a real Prometheus scrapes, and plain, quiet
+//! logs.
 
 mod common;
 
@@ -7,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KEEL, free_port, http_get, serve_log, spawn_serve, wait_ready, with_overrides};
+use common::{
+    KEEL, free_port, http_get, http_get_with, serve_log, spawn_serve, wait_ready, with_overrides,
+};
 const K1: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const K2: &str = "k2:HwAeAR0CHAMbBBoFGQYYBxcIFgkVChQLEwwSDREOEA8=";
 /// A well-formed admin key, registered at start from a file.
@@ -203,19 +206,24 @@ async fn a_new_key_in_the_ring_file_reaches_a_running_server() {
     );
 }
 
-/// Where promtool is, or a failure that says how to install it.
-fn promtool() -> PathBuf {
+/// Where `program` (promtool, prometheus) is, or a failure that says how to install it.
+fn prometheus_tool(program: &str) -> PathBuf {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
-            .map(|dir| dir.join("promtool"))
+            .map(|dir| dir.join(program))
             .find(|path| path.is_file())
     });
     found.unwrap_or_else(|| {
         panic!(
-            "promtool is not installed: run `cargo xtask setup` (or apt-get install prometheus), \
+            "{program} is not installed: run `cargo xtask setup` (or apt-get install prometheus), \
              which CI does"
         )
     })
+}
+
+/// Where promtool is, or a failure that says how to install it.
+fn promtool() -> PathBuf {
+    prometheus_tool("promtool")
 }
 
 /// Runs `promtool check metrics` on `exposition`; fails the test on any problem it reports.
@@ -304,6 +312,325 @@ async fn metrics_pass_promtool_from_the_start_and_after_calls() {
         assert!(after.contains(family), "missing {family:?} in\n{after}");
     }
     promtool_accepts(&promtool, &after);
+}
+
+/// The token Prometheus scrapes with in [`prometheus_scrapes_the_fleet_with_the_bearer_token`].
+const METRICS_TOKEN: &str = "prometheus-scrape-token-0123456789abcdef";
+
+/// A Prometheus server of the test's own (loopback, its own port and data directory), killed
+/// on drop.
+struct Prometheus {
+    server: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+impl Prometheus {
+    /// Checks `config` with `promtool check config`, then starts Prometheus on it and waits
+    /// until it is ready.
+    async fn start(config: &str, dir: &Path) -> Prometheus {
+        let config_file = dir.join("prometheus.yml");
+        std::fs::write(&config_file, config).expect("write prometheus.yml");
+        let checked = Command::new(promtool())
+            .args(["check", "config"])
+            .arg(&config_file)
+            .output()
+            .expect("run promtool");
+        assert!(
+            checked.status.success(),
+            "promtool check config: {}{}\n{config}",
+            text(&checked.stdout),
+            text(&checked.stderr)
+        );
+        let port = free_port();
+        let log = |name: &str| std::fs::File::create(dir.join(name)).expect("log file");
+        let server = Command::new(prometheus_tool("prometheus"))
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log("prometheus.log"))
+            .stderr(log("prometheus.err"))
+            .spawn()
+            .expect("spawn prometheus");
+        let prometheus = Prometheus {
+            server,
+            port,
+            dir: dir.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http_get(port, "/-/ready")
+                .await
+                .is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+            {
+                return prometheus;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready; log:\n{}",
+                prometheus.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        format!("{}{}", read("prometheus.log"), read("prometheus.err"))
+    }
+
+    /// The `data` of a `GET /api/v1/<path>` answer.
+    async fn api(&self, path: &str) -> serde_json::Value {
+        let response = http_get(self.port, &format!("/api/v1/{path}"))
+            .await
+            .expect("prometheus answers");
+        let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+        assert!(head.contains(" 200 "), "{path}: {head}\n{body}");
+        let answer: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(answer["status"], "success", "{answer}");
+        answer["data"].clone()
+    }
+
+    /// The series an instant query returns, each as its labels and value.
+    async fn query(&self, promql: &str) -> Vec<(serde_json::Value, String)> {
+        let data = self
+            .api(&format!("query?query={}", url_encode(promql)))
+            .await;
+        data["result"]
+            .as_array()
+            .expect("result")
+            .iter()
+            .map(|s| {
+                let value = s["value"][1].as_str().unwrap_or_default().to_owned();
+                (s["metric"].clone(), value)
+            })
+            .collect()
+    }
+
+    /// Waits until `promql` returns at least one series.
+    async fn eventually(&self, promql: &str) -> Vec<(serde_json::Value, String)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let series = self.query(promql).await;
+            if !series.is_empty() {
+                return series;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{promql} returned nothing; targets: {}\nlog:\n{}",
+                self.api("targets").await,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// `raw` as a URL query value.
+fn url_encode(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Debian's Prometheus (2.42) scrapes `keel serve --target all` the way deploy/ and an operator
+/// configure it: with the bearer token from a file, and `honor_labels: true`, so that the
+/// collector's `instance` label (the Keel instance's name) stays `instance` instead of becoming
+/// `exported_instance`. Keel's own series have no `instance` label and get the target's, as
+/// `up` does. The exposition with a scraped instance passes `promtool check metrics`; without
+/// the token `/metrics` answers 401, and Prometheus with a wrong one sees the target down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_fleet_with_the_bearer_token() {
+    let promtool = promtool();
+    let env = keel_testkit::TestEnv::new();
+    let db = env.database().await.expect("database");
+    let target = env.database().await.expect("target database");
+    let nats = env.nats_url().await.expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("metrics-token");
+    std::fs::write(&token_file, format!("{METRICS_TOKEN}\n")).expect("write token");
+    let token_path = token_file.display().to_string();
+    let keel = Keel::start(
+        &db.url,
+        &nats,
+        &[
+            ("KEEL_METRICS_ANONYMOUS", "false"),
+            ("KEEL_METRICS_TOKEN_FILE", &token_path),
+        ],
+        dir,
+    )
+    .await;
+
+    let added = keel.cli(&[
+        "instance",
+        "add",
+        "orders-db",
+        "--engine",
+        "postgres",
+        "--url",
+        &target.url,
+    ]);
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    let collected = keel.cli(&["instance", "collect", "orders-db"]);
+    assert!(collected.status.success(), "{}", text(&collected.stderr));
+
+    // Locked without the token, whatever else the request says.
+    for headers in [
+        &[][..],
+        &[("authorization", "Bearer not-the-token")],
+        &[("authorization", METRICS_TOKEN)],
+    ] {
+        let refused = http_get_with(keel.http, "/metrics", headers)
+            .await
+            .expect("an answer");
+        assert!(
+            refused.starts_with("HTTP/1.0 401") || refused.starts_with("HTTP/1.1 401"),
+            "{headers:?}: {refused}"
+        );
+    }
+    let bearer = format!("Bearer {METRICS_TOKEN}");
+    let series = "keel_target_up{tenant=\"acme\",instance=\"orders-db\"} 1";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exposition = loop {
+        let response = http_get_with(keel.http, "/metrics", &[("authorization", &bearer)])
+            .await
+            .expect("scrape");
+        let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+        assert!(head.contains(" 200 "), "{head}");
+        if body.lines().any(|l| l == series) {
+            break body.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {series} on /metrics:\n{body}\nlog:\n{}",
+            keel.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for family in [
+        "# TYPE keel_build_info gauge",
+        "# TYPE keel_target_up gauge",
+        "# TYPE keel_target_scrape_duration_seconds gauge",
+        "# TYPE keel_pg_connections gauge",
+        "# TYPE keel_pg_database_size_bytes gauge",
+        "# TYPE keel_pg_transactions_committed_total counter",
+    ] {
+        assert!(
+            exposition.contains(family),
+            "missing {family:?} in\n{exposition}"
+        );
+    }
+    promtool_accepts(&promtool, &exposition);
+
+    let keel_target = format!("127.0.0.1:{}", keel.http);
+    let job = |name: &str, extra: &str| {
+        format!(
+            "  - job_name: {name}\n    metrics_path: /metrics\n{extra}    static_configs:\n      - targets: [\"{keel_target}\"]\n"
+        )
+    };
+    let token =
+        format!("    authorization:\n      type: Bearer\n      credentials_file: {token_path}\n");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{}{}{}",
+        job(
+            "keel",
+            &format!(
+                "    # Keel's collector series carry instance=<Keel instance name>: keep it.\n    honor_labels: true\n{token}"
+            )
+        ),
+        job("keel-default-labels", &token),
+        job(
+            "keel-wrong-token",
+            "    authorization:\n      type: Bearer\n      credentials: not-the-token\n"
+        ),
+    );
+    let prometheus_dir = tempfile::tempdir().expect("tempdir");
+    let prometheus = Prometheus::start(&config, prometheus_dir.path()).await;
+
+    // Prometheus's view of the targets: up with the token, down (401) without it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let targets = prometheus.api("targets").await;
+        let health = |job: &str| {
+            targets["activeTargets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|t| t["labels"]["job"] == job)
+                .map(|t| {
+                    (
+                        t["health"].as_str().unwrap_or_default().to_owned(),
+                        t["lastError"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .unwrap_or_default()
+        };
+        let (keel_health, keel_error) = health("keel");
+        let (wrong_health, wrong_error) = health("keel-wrong-token");
+        if keel_health == "up" && health("keel-default-labels").0 == "up" && wrong_health == "down"
+        {
+            assert!(wrong_error.contains("401"), "{wrong_error}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "targets not up ({keel_health}: {keel_error}): {targets}\nlog:\n{}",
+            prometheus.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let up = prometheus.eventually("up{job=\"keel\"}").await;
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!(up[0].1, "1", "{up:?}");
+    assert_eq!(up[0].0["instance"], keel_target.as_str(), "{up:?}");
+
+    // With honor_labels, the Keel instance's name is `instance`, beside its tenant.
+    let collected = prometheus
+        .eventually("keel_target_up{job=\"keel\",instance=\"orders-db\"}")
+        .await;
+    assert_eq!(collected.len(), 1, "{collected:?}");
+    let (labels, value) = &collected[0];
+    assert_eq!(value, "1", "{collected:?}");
+    assert_eq!(labels["tenant"], "acme", "{labels}");
+    assert!(labels.get("exported_instance").is_none(), "{labels}");
+    let connections = prometheus
+        .eventually("keel_pg_connections{job=\"keel\",instance=\"orders-db\",state=\"idle\"}")
+        .await;
+    assert_eq!(connections.len(), 1, "{connections:?}");
+    // Keel's own series have no instance label: they get the target's.
+    let build = prometheus.eventually("keel_build_info{job=\"keel\"}").await;
+    assert_eq!(build[0].0["instance"], keel_target.as_str(), "{build:?}");
+
+    // Without honor_labels Prometheus renames the collector's label, and `instance` is the
+    // scrape address for every series: what the `keel` job above avoids.
+    let renamed = prometheus
+        .eventually("keel_target_up{job=\"keel-default-labels\"}")
+        .await;
+    assert_eq!(
+        renamed[0].0["exported_instance"], "orders-db",
+        "{renamed:?}"
+    );
+    assert_eq!(
+        renamed[0].0["instance"],
+        keel_target.as_str(),
+        "{renamed:?}"
+    );
 }
 
 /// The lines that announce serving, with the bound addresses as fields.

@@ -70,14 +70,21 @@ pub async fn wait_ready(http: u16, within: Duration, dir: &Path) {
 
 /// The whole HTTP/1.0 response to `GET path`, or None when the server cannot be reached.
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_with(port, path, &[]).await
+}
+
+/// [`http_get`] with request `headers`, e.g. `("authorization", "Bearer …")`.
+pub async fn http_get_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: keel\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    let mut request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
     Some(response)
