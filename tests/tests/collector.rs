@@ -218,6 +218,20 @@ async fn statement_deltas_survive_a_reset_and_an_entry_that_comes_back() -> anyh
         assert!((0.0..=1.0).contains(&q.share_of_total_time), "{q:?}");
     }
     assert!(top.covered_from.is_some());
+    // The collector's own statements run on the target too; they are not the workload.
+    let own: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_statements WHERE query LIKE '/* keel-collector */%' \
+         AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&mut target)
+    .await?;
+    assert!(own > 0, "the collector's statements do not carry its mark");
+    assert!(
+        !top.queries
+            .iter()
+            .any(|q| q.text.contains("keel-collector")),
+        "the collector's own statements in the workload: {top:?}"
+    );
     keel.stop().await
 }
 

@@ -447,7 +447,10 @@ impl Scraper {
                     // The server gives up on a query when the scrape does, instead of running
                     // it on for the connector's general statement timeout.
                     let limit = target.timeout.min(connector.session().statement_timeout);
-                    let timeout = format!("SET statement_timeout = {}", limit.as_millis().max(1));
+                    let timeout = format!(
+                        "/* keel-collector */ SET statement_timeout = {}",
+                        limit.as_millis().max(1)
+                    );
                     match sqlx::Executor::execute(&mut conn, timeout.as_str()).await {
                         Ok(_) => Ok(Session::Postgres(conn)),
                         Err(error) => Err(TargetError::Postgres(error)),

@@ -820,7 +820,8 @@ pub(crate) struct TopQuery {
 }
 
 /// The statements with the most execution time since `since`, the total time of top-level
-/// statements in the window, and the earliest delta in it.
+/// statements in the window, and the earliest delta in it; the collector's own statements
+/// (their text starts with its mark) left out.
 pub(crate) async fn top_queries(
     pool: &PgPool,
     id: Uuid,
@@ -833,12 +834,13 @@ pub(crate) async fn top_queries(
            sum(d.temp_blks_written)::int8 AS temp, sum(d.wal_bytes)::int8 AS wal \
          FROM collector.statement_deltas d \
          LEFT JOIN collector.query_texts t ON t.instance_id = d.instance_id AND t.query_id = d.query_id \
-         WHERE d.instance_id = $1 AND d.at >= $2 \
+         WHERE d.instance_id = $1 AND d.at >= $2 AND (t.text IS NULL OR NOT starts_with(t.text, $4)) \
          GROUP BY d.query_id, t.text ORDER BY total_exec_ms DESC, d.query_id LIMIT $3",
     )
     .bind(id)
     .bind(since)
     .bind(limit)
+    .bind(crate::scrape::postgres::OWN_MARK)
     .fetch_all(pool)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
@@ -858,11 +860,13 @@ pub(crate) async fn top_queries(
         });
     }
     let (total, from): (Option<f64>, Option<DateTime<Utc>>) = sqlx::query_as(
-        "SELECT sum(total_exec_ms) FILTER (WHERE toplevel)::float8, min(at) FROM collector.statement_deltas \
-         WHERE instance_id = $1 AND at >= $2",
+        "SELECT sum(d.total_exec_ms) FILTER (WHERE d.toplevel)::float8, min(d.at) FROM collector.statement_deltas d \
+         LEFT JOIN collector.query_texts t ON t.instance_id = d.instance_id AND t.query_id = d.query_id \
+         WHERE d.instance_id = $1 AND d.at >= $2 AND (t.text IS NULL OR NOT starts_with(t.text, $3))",
     )
     .bind(id)
     .bind(since)
+    .bind(crate::scrape::postgres::OWN_MARK)
     .fetch_one(pool)
     .await?;
     Ok((out, total.unwrap_or(0.0), from))

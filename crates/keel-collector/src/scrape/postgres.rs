@@ -4,6 +4,9 @@
 //! (statement, lock and idle-in-transaction timeouts). Server-wide views are filtered to the
 //! instance's database. A part that fails (a missing extension, a missing privilege) becomes a
 //! problem with its fix and the rest is still collected; only a broken connection ends the scrape.
+//!
+//! Every statement starts with [`OWN_MARK`]: pg_stat_statements keeps the comment in its text,
+//! so the collector's own statements can be left out of the workload it reports.
 
 use std::collections::{HashMap, HashSet};
 
@@ -11,6 +14,9 @@ use sqlx::{PgConnection, Row as _};
 
 use crate::catalog::{self as c, Sample};
 use crate::statements::{Counters, Snapshot, StatementKey};
+
+/// The comment that starts every statement the collector runs on a target.
+pub(crate) const OWN_MARK: &str = "/* keel-collector */";
 
 /// Limits on what one scrape reads.
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +81,7 @@ pub(crate) async fn scrape(
     let mut out = PgScrape::default();
 
     let facts = sqlx::query(
-        "SELECT current_database() AS db, current_user AS role, \
+        "/* keel-collector */ SELECT current_database() AS db, current_user AS role, \
                 current_setting('max_connections')::int8 AS max_connections, \
                 pg_is_in_recovery() AS in_recovery, \
                 (pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') \
@@ -130,7 +136,7 @@ async fn activity(
         out,
         "pg_stat_activity",
         sqlx::query(
-            "SELECT coalesce(state, 'unknown') AS state, count(*)::int8 AS sessions, \
+            "/* keel-collector */ SELECT coalesce(state, 'unknown') AS state, count(*)::int8 AS sessions, \
                     coalesce(max(extract(epoch FROM now() - query_start)) \
                       FILTER (WHERE state = 'active'), 0)::float8 AS longest_query, \
                     coalesce(max(extract(epoch FROM now() - state_change)) \
@@ -183,7 +189,7 @@ async fn activity(
         out,
         "server sessions",
         sqlx::query_scalar::<_, i64>(
-            "SELECT count(*)::int8 FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            "/* keel-collector */ SELECT count(*)::int8 FROM pg_stat_activity WHERE backend_type = 'client backend'"
         )
         .fetch_one(&mut *conn)
         .await
@@ -204,7 +210,7 @@ async fn activity(
         out,
         "lock waits",
         sqlx::query(
-            "SELECT count(DISTINCT a.pid)::int8 AS blocked, count(DISTINCT b.pid)::int8 AS blocking \
+            "/* keel-collector */ SELECT count(DISTINCT a.pid)::int8 AS blocked, count(DISTINCT b.pid)::int8 AS blocking \
              FROM pg_stat_activity a CROSS JOIN LATERAL unnest(pg_blocking_pids(a.pid)) AS b(pid) \
              WHERE a.datname = current_database() AND a.wait_event_type = 'Lock'",
         )
@@ -231,7 +237,7 @@ async fn lock_chains(conn: &mut PgConnection, out: &mut PgScrape) -> Result<(), 
         out,
         "lock chains",
         sqlx::query(
-            "SELECT a.pid, array_to_string(pg_blocking_pids(a.pid), ',') AS blockers, \
+            "/* keel-collector */ SELECT a.pid, array_to_string(pg_blocking_pids(a.pid), ',') AS blockers, \
                     coalesce(extract(epoch FROM now() - a.state_change), 0)::float8 AS waiting \
              FROM pg_stat_activity a \
              WHERE a.datname = current_database() AND a.wait_event_type = 'Lock' \
@@ -258,7 +264,7 @@ async fn database_stats(conn: &mut PgConnection, out: &mut PgScrape) -> Result<(
         out,
         "pg_stat_database",
         sqlx::query(
-            "SELECT xact_commit, xact_rollback, blks_hit, blks_read, deadlocks, temp_bytes, \
+            "/* keel-collector */ SELECT xact_commit, xact_rollback, blks_hit, blks_read, deadlocks, temp_bytes, \
                     pg_database_size(datid) AS size \
              FROM pg_stat_database WHERE datname = current_database()",
         )
@@ -292,7 +298,7 @@ async fn replication(
             out,
             "replay lag",
             sqlx::query_scalar::<_, Option<f64>>(
-                "SELECT extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
+                "/* keel-collector */ SELECT extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
             )
             .fetch_one(&mut *conn)
             .await
@@ -306,7 +312,7 @@ async fn replication(
             out,
             "pg_stat_replication",
             sqlx::query(
-                "SELECT count(*)::int8 AS replicas, \
+                "/* keel-collector */ SELECT count(*)::int8 AS replicas, \
                         coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 AS lag \
                  FROM pg_stat_replication",
             )
@@ -336,7 +342,7 @@ async fn tables(
         sqlx::query(
             // Sizes from pg_class, never pg_table_size() and friends: those take a lock on the
             // table and would wait behind any ACCESS EXCLUSIVE lock (an ALTER, a VACUUM FULL).
-            "SELECT s.schemaname || '.' || s.relname AS name, s.seq_scan, coalesce(s.idx_scan, 0) AS idx_scan, \
+            "/* keel-collector */ SELECT s.schemaname || '.' || s.relname AS name, s.seq_scan, coalesce(s.idx_scan, 0) AS idx_scan, \
                     s.n_live_tup, s.n_dead_tup, s.n_tup_ins, s.n_tup_upd, s.n_tup_del, \
                     extract(epoch FROM now() - greatest(s.last_vacuum, s.last_autovacuum))::float8 AS vacuum_age, \
                     extract(epoch FROM now() - greatest(s.last_analyze, s.last_autoanalyze))::float8 AS analyze_age, \
@@ -411,7 +417,7 @@ async fn indexes(
         out,
         "pg_stat_user_indexes",
         sqlx::query(
-            "SELECT s.schemaname || '.' || s.relname AS table_name, s.indexrelname AS index_name, s.idx_scan, \
+            "/* keel-collector */ SELECT s.schemaname || '.' || s.relname AS table_name, s.indexrelname AS index_name, s.idx_scan, \
                     c.relpages::int8 * current_setting('block_size')::int8 AS size \
              FROM pg_stat_user_indexes s JOIN pg_class c ON c.oid = s.indexrelid \
              ORDER BY c.relpages DESC, s.indexrelid LIMIT $1",
@@ -449,7 +455,7 @@ async fn statements(
         out,
         "pg_stat_statements",
         sqlx::query(
-            "SELECT userid::int8 AS userid, queryid, toplevel, calls, total_exec_time, rows, \
+            "/* keel-collector */ SELECT userid::int8 AS userid, queryid, toplevel, calls, total_exec_time, rows, \
                     shared_blks_hit, shared_blks_read, temp_blks_written, wal_bytes::int8 AS wal_bytes \
              FROM pg_stat_statements(false) \
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -473,9 +479,11 @@ async fn statements(
     let info = part!(
         out,
         "pg_stat_statements_info",
-        sqlx::query("SELECT dealloc, stats_reset FROM pg_stat_statements_info")
-            .fetch_one(&mut *conn)
-            .await
+        sqlx::query(
+            "/* keel-collector */ SELECT dealloc, stats_reset FROM pg_stat_statements_info"
+        )
+        .fetch_one(&mut *conn)
+        .await
     );
     let mut snapshot = Snapshot::default();
     if let Some(info) = info {
@@ -517,7 +525,7 @@ async fn statements(
             out,
             "pg_stat_statements query texts",
             sqlx::query(
-                "SELECT DISTINCT ON (queryid) queryid, query FROM pg_stat_statements(true) \
+                "/* keel-collector */ SELECT DISTINCT ON (queryid) queryid, query FROM pg_stat_statements(true) \
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                    AND queryid = ANY($1) AND query IS NOT NULL",
             )
