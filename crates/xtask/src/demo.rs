@@ -1,4 +1,5 @@
-//! `cargo xtask demo [--once]`: Keel on a laptop, from nothing to a registered, checked instance.
+//! `cargo xtask demo [--once]`: Keel on a laptop, from nothing to a registered, checked and
+//! scraped instance.
 //!
 //! setup → `cargo build -p keel` → PostgreSQL and NATS (see [`backing`]) → an admin API key →
 //! `keel serve --target all` in the background, plaintext on loopback, /metrics behind a fresh
@@ -150,6 +151,24 @@ pub(crate) fn run(options: Options) -> Result<ExitCode> {
         _ => anyhow::bail!("`keel instance check local-pg` failed ({checked})"),
     }
     cmd::run(&mut with_key(&["instance", "ls"]))?;
+
+    // The collector scrapes every instance on its own; collecting now shows it without waiting.
+    // Like a check, a scrape that cannot reach the instance exits 1 after saying why.
+    cmd::step("the collector scrapes local-pg now (it does so every 15 s anyway)");
+    let collected = cmd::status(&mut with_key(&["instance", "collect", "local-pg"]))?;
+    if !matches!(collected.code(), Some(0 | 1)) {
+        anyhow::bail!("`keel instance collect local-pg` failed ({collected})");
+    }
+    cmd::run(&mut with_key(&[
+        "metrics",
+        "local-pg",
+        "--name",
+        "keel_pg_connections",
+    ]))?;
+    cmd::step("its top statements (deltas need two scrapes: more appear after the next one)");
+    cmd::run(&mut with_key(&[
+        "queries", "top", "local-pg", "--limit", "5",
+    ]))?;
 
     let logs: Vec<&Path> = [
         Some(&server),
@@ -379,6 +398,9 @@ What to try next, in another shell:
   keel events tail                 # follow events as they happen
   keel instance ls                 # the fleet
   keel instance check local-pg     # probe it now
+  keel metrics local-pg            # what the collector read
+  keel queries top local-pg        # its statements by total time
+  keel alerts ls                   # what the alert rules raised
   curl -s http://{http}/readyz
   curl -s -H \"Authorization: Bearer $(cat {token})\" http://{http}/metrics | head
 ",

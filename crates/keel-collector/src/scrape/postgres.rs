@@ -119,8 +119,8 @@ pub(crate) async fn scrape(
     match pgss {
         None => out.problems.push(format!(
             "pg_stat_statements is not installed in database {database}, so there are no query \
-             statistics; fix: add pg_stat_statements to shared_preload_libraries, restart, then \
-             CREATE EXTENSION pg_stat_statements; in {database}"
+             statistics; fix: add pg_stat_statements to shared_preload_libraries and restart the \
+             server, then run CREATE EXTENSION pg_stat_statements; in database {database}"
         )),
         Some(_) => statements(conn, &mut out, known_texts, &database).await?,
     }
@@ -465,13 +465,12 @@ async fn statements(
         .await
     );
     let Some(rows) = rows else {
-        if out
-            .problems
-            .last()
-            .is_some_and(|p| p.contains("shared_preload_libraries"))
+        // "must be loaded via shared_preload_libraries": installed, but not loaded.
+        if let Some(last) = out.problems.last_mut()
+            && last.contains("shared_preload_libraries")
         {
-            out.problems.push(format!(
-                "fix: add pg_stat_statements to shared_preload_libraries and restart the server of {database}"
+            last.push_str(&format!(
+                "; fix: add pg_stat_statements to shared_preload_libraries and restart the server of database {database}"
             ));
         }
         return Ok(());
