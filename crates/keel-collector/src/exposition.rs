@@ -28,6 +28,8 @@ pub struct FleetExposition {
 #[derive(Debug, Default, Clone)]
 struct Rendered {
     openmetrics: Bytes,
+    /// `openmetrics` gzipped: what Prometheus asks for.
+    openmetrics_gzip: Bytes,
     prometheus_text: Bytes,
 }
 
@@ -47,6 +49,16 @@ impl keel_server::Exposition for FleetExposition {
             .prometheus_text
             .clone()
     }
+
+    fn openmetrics_gzip(&self) -> Option<Bytes> {
+        Some(
+            self.rendered
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .openmetrics_gzip
+                .clone(),
+        )
+    }
 }
 
 impl FleetExposition {
@@ -54,11 +66,14 @@ impl FleetExposition {
     pub(crate) fn update(&self, targets: &[&TargetView], series_per_target: usize) {
         let openmetrics = render(targets, series_per_target, true);
         let prometheus_text = render(targets, series_per_target, false);
+        // Compressed here, once per refresh, rather than for every scrape.
+        let openmetrics_gzip = keel_server::gzip(openmetrics.as_bytes());
         *self
             .rendered
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Rendered {
             openmetrics: openmetrics.into(),
+            openmetrics_gzip,
             prometheus_text: prometheus_text.into(),
         };
     }

@@ -157,12 +157,30 @@ async fn metrics_handler(State(state): State<HttpState>, headers: HeaderMap) -> 
     } else {
         PROMETHEUS_TEXT
     };
-    match state.metrics.encode_chunks(openmetrics) {
+    let gzip = accepts_gzip(&headers);
+    let chunks = if gzip {
+        state.metrics.encode_chunks_gzip(openmetrics)
+    } else {
+        state.metrics.encode_chunks(openmetrics)
+    };
+    match chunks {
         Ok(chunks) => {
             let body = axum::body::Body::from_stream(futures::stream::iter(
                 chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
             ));
-            ([(header::CONTENT_TYPE, content_type)], body).into_response()
+            let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::VARY,
+                header::HeaderValue::from_static("accept, accept-encoding"),
+            );
+            if gzip {
+                headers.insert(
+                    header::CONTENT_ENCODING,
+                    header::HeaderValue::from_static("gzip"),
+                );
+            }
+            response
         }
         Err(error) => {
             tracing::error!(%error, "encoding metrics failed");
@@ -174,6 +192,29 @@ async fn metrics_handler(State(state): State<HttpState>, headers: HeaderMap) -> 
                 .into_response()
         }
     }
+}
+
+/// Whether `Accept-Encoding` names gzip with a quality above zero (Prometheus sends
+/// `gzip`; a fleet's metrics are megabytes that compress about tenfold).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let is_gzip = parts.next().is_some_and(|c| {
+                c.eq_ignore_ascii_case("gzip") || c.eq_ignore_ascii_case("x-gzip")
+            });
+            let refused = parts.any(|param| {
+                param
+                    .strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            is_gzip && !refused
+        })
 }
 
 /// Whether `Accept` names OpenMetrics with a quality above zero.
@@ -256,6 +297,23 @@ mod tests {
             );
         }
         assert_eq!(auth.allows(&headers), allowed, "{authorization:?}");
+    }
+
+    #[test]
+    fn gzip_only_when_asked_for() {
+        let accepts = |value: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(header::ACCEPT_ENCODING, value.parse().expect("header"));
+            }
+            accepts_gzip(&headers)
+        };
+        assert!(accepts(Some("gzip")));
+        assert!(accepts(Some("deflate, gzip;q=0.5")));
+        assert!(accepts(Some("identity, GZIP")));
+        assert!(!accepts(Some("gzip;q=0")));
+        assert!(!accepts(Some("br, deflate")));
+        assert!(!accepts(None));
     }
 
     #[test]

@@ -50,7 +50,7 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
-pub use metrics::{Exposition, Metrics};
+pub use metrics::{Exposition, Metrics, gzip};
 pub use tls::TlsError;
 
 use crate::edge::{TcpPeer, TrustedProxies};
