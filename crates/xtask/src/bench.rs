@@ -1,5 +1,5 @@
-//! `cargo xtask bench [args]`: setup, then the registry and outbox benchmarks; exits with the
-//! first failing cargo's code.
+//! `cargo xtask bench [args]`: setup, then the registry, outbox and collector benchmarks; exits
+//! with the first failing cargo's code.
 
 use std::process::ExitCode;
 
@@ -9,7 +9,11 @@ use crate::{cmd, setup};
 
 pub(crate) fn run(extra: &[String]) -> Result<ExitCode> {
     setup::run()?;
-    for (package, bench) in [("keel-registry", "registry"), ("keel-bus", "outbox")] {
+    for (package, bench) in [
+        ("keel-registry", "registry"),
+        ("keel-bus", "outbox"),
+        ("keel-e2e", "collector"),
+    ] {
         let status = cmd::status(
             cmd::cargo()
                 .args(["bench", "-p", package, "--bench", bench])

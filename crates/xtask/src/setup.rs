@@ -21,6 +21,9 @@ const PACKAGES: &[&str] = &[
     "pkg-config",
     "prometheus", // promtool, which checks what /metrics serves
     "curl",       // the README walkthrough (tests/tests/readme.rs) waits on /readyz with it
+    // the collector benchmark's peers (tests/benches/collector.rs)
+    "prometheus-postgres-exporter",
+    "prometheus-redis-exporter",
 ];
 
 /// Where Debian puts each PostgreSQL major's server binaries.
@@ -30,7 +33,8 @@ pub(crate) fn run() -> Result<()> {
     if !cmd::on_path("dpkg-query") {
         eprintln!(
             "setup: warning: not a Debian-like system (no dpkg-query); install yourself: PostgreSQL with \
-             pg_stat_statements and hypopg, nats-server, redis-server, libclang, pkg-config and promtool"
+             pg_stat_statements and hypopg, nats-server, redis-server, libclang, pkg-config, promtool, \
+             and for the collector benchmark postgres_exporter and redis_exporter"
         );
         return Ok(());
     }
