@@ -317,14 +317,15 @@ async fn a_target_deleted_mid_scrape_leaves_nothing_behind() -> anyhow::Result<(
         "leaving",
         Engine::Postgres,
         &format!("postgres://app:pw@127.0.0.1:{port}/shop"),
+        // The first scrape comes at a random point of the first interval.
         &[
-            ("collector.keel.dev/interval", "30s"),
+            ("collector.keel.dev/interval", "8s"),
             ("collector.keel.dev/timeout", "3s"),
         ],
     )
     .await?;
     // The scrape is under way (connected, waiting for an answer) when the instance goes.
-    tokio::time::timeout(Duration::from_secs(10), connections.wait_for(|n| *n > 0)).await??;
+    tokio::time::timeout(Duration::from_secs(12), connections.wait_for(|n| *n > 0)).await??;
     c.registry
         .delete_instance(DeleteInstanceRequest {
             id: id.clone(),

@@ -314,7 +314,11 @@ impl Scraper {
         };
         match written {
             Written::Ok(seq) => {
-                let latest = outcome.up.then(|| (outcome.samples.clone(), outcome.at));
+                // What the next scrape compares with: instance-level values only (the rates and
+                // ratios of `scrape::derive`), not the per-table and per-statement series.
+                let latest = outcome
+                    .up
+                    .then(|| (instance_level(&outcome.samples), outcome.at));
                 let previous = cache.base.take().map(|(_, base)| base).unwrap_or_default();
                 let base = store::Base {
                     snapshot: outcome.snapshot.clone().or(previous.snapshot),
@@ -545,6 +549,14 @@ enum ReadError {
     /// The target policy refuses the target; it was not contacted.
     Denied(String),
     Failed(String),
+}
+
+fn instance_level(samples: &[Sample]) -> Vec<Sample> {
+    samples
+        .iter()
+        .filter(|s| s.labels.is_empty())
+        .cloned()
+        .collect()
 }
 
 fn down(at: chrono::DateTime<Utc>, started: Instant, problems: Vec<String>) -> Outcome {

@@ -103,7 +103,9 @@ fn millis(d: Duration) -> i32 {
 }
 
 /// Adds or updates a scrape job; an older registry version than the stored one changes
-/// nothing (events may arrive after a full sync that already saw a newer version).
+/// nothing (events may arrive after a full sync that already saw a newer version). A new job
+/// is first due at a random point of its interval, so targets registered together (a full sync
+/// at start) spread over the interval instead of being scraped in the same second forever.
 pub(crate) async fn upsert_target(
     tx: &mut PgConnection,
     spec: &TargetSpec,
@@ -112,7 +114,7 @@ pub(crate) async fn upsert_target(
         "INSERT INTO collector.targets \
            (instance_id, tenant, name, engine, labels, registry_version, interval_ms, timeout_ms, next_run_at, synced_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-                 now() + random() * least($7, 2000) * interval '1 millisecond', now()) \
+                 now() + random() * $7 * interval '1 millisecond', now()) \
          ON CONFLICT (instance_id) DO UPDATE SET \
            tenant = EXCLUDED.tenant, name = EXCLUDED.name, labels = EXCLUDED.labels, \
            registry_version = EXCLUDED.registry_version, interval_ms = EXCLUDED.interval_ms, \
@@ -277,7 +279,12 @@ pub(crate) async fn load_base(pool: &PgPool, id: Uuid) -> Result<Base, sqlx::Err
     let latest_at: Option<DateTime<Utc>> = row.try_get("latest_at")?;
     Ok(Base {
         snapshot: snapshot.as_deref().and_then(statements::decode),
-        latest: latest.zip(latest_at).map(|(l, at)| (l.0, at)),
+        // Instance-level values only, as the scheduler keeps them (see `scrape::derive`).
+        latest: latest.zip(latest_at).map(|(l, at)| {
+            let mut samples = l.0;
+            samples.retain(|s| s.labels.is_empty());
+            (samples, at)
+        }),
     })
 }
 

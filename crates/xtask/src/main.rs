@@ -23,7 +23,7 @@ commands:
   lint               cargo fmt --check, cargo clippy -D warnings, buf lint (via npx)
   demo [--once]      setup, start PostgreSQL and NATS if none answer, run `keel serve --target all`,
                      register the local PostgreSQL; --once stops everything when the steps are done
-  bench [args]       setup, then the registry and outbox benchmarks (`cargo bench … [args]`)";
+  bench [args]       setup, then the registry, outbox and collector benchmarks (`cargo bench … [args]`)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
