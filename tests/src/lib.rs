@@ -64,20 +64,9 @@ impl Deployment {
         let env = keel_testkit::TestEnv::new();
         let db = env.database().await?;
         let nats_url = env.nats_url().await?;
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let http_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let (grpc, http) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
-        let listen = ListenConfig {
-            shutdown_grace: Duration::from_secs(2),
-            metrics_anonymous: true,
-            ..ListenConfig::plaintext(grpc, http)
-        };
-        let config = HostConfig::new(
-            DatabaseConfig::from_url(db.url.clone()),
-            NatsConfig::from_url(nats_url.clone()),
-            listen,
-        );
-        let mut host = Host::connect(&config).await?;
+        let (mut host, listeners) = host_on_loopback(&db.url, &nats_url).await?;
+        let (grpc, http) = (listeners.0.local_addr()?, listeners.1.local_addr()?);
+        let (grpc_listener, http_listener) = listeners;
         let ring = keel_registry::crypto::KeyRing::parse(&SecretString::from(ENCRYPTION_KEYS))
             .context("key ring")?;
         // The same services, built the same way, as `keel serve --target all`.
@@ -159,20 +148,9 @@ impl Deployment {
             )
             .await?
             .key;
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let http_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let (grpc, http) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
-        let listen = ListenConfig {
-            shutdown_grace: Duration::from_secs(2),
-            metrics_anonymous: true,
-            ..ListenConfig::plaintext(grpc, http)
-        };
-        let host_config = HostConfig::new(
-            DatabaseConfig::from_url(self.database_url.clone()),
-            NatsConfig::from_url(self.nats_url.clone()),
-            listen,
-        );
-        let mut host = Host::connect(&host_config).await?;
+        let (mut host, listeners) = host_on_loopback(&self.database_url, &self.nats_url).await?;
+        let (grpc, http) = (listeners.0.local_addr()?, listeners.1.local_addr()?);
+        let (grpc_listener, http_listener) = listeners;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))?
             .connect_lazy();
         let state_store = SecretString::from(self.database_url.clone());
@@ -236,6 +214,30 @@ impl CollectorReplica {
         self.served.await.context("replica task")??;
         Ok(())
     }
+}
+
+/// A host on the state store and NATS given, with loopback listeners on free ports (anonymous
+/// `/metrics`, plaintext) that it has not bound to yet.
+async fn host_on_loopback(
+    database_url: &str,
+    nats_url: &str,
+) -> anyhow::Result<(Host, (TcpListener, TcpListener))> {
+    let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let http_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listen = ListenConfig {
+        shutdown_grace: Duration::from_secs(2),
+        metrics_anonymous: true,
+        ..ListenConfig::plaintext(grpc_listener.local_addr()?, http_listener.local_addr()?)
+    };
+    let config = HostConfig::new(
+        DatabaseConfig::from_url(database_url.to_owned()),
+        NatsConfig::from_url(nats_url.to_owned()),
+        listen,
+    );
+    Ok((
+        Host::connect(&config).await?,
+        (grpc_listener, http_listener),
+    ))
 }
 
 fn uuid_suffix() -> String {

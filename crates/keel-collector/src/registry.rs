@@ -9,8 +9,8 @@ use keel_bus::consumer::{Delivery, EventHandler, HandlerError};
 use keel_bus::{Outbox, SubjectRoot};
 use keel_proto::v1::registry_service_client::RegistryServiceClient;
 use keel_proto::v1::{
-    Engine as ProtoEngine, Event, GetInstanceConnectionRequest, Instance, ListInstancesRequest,
-    event,
+    Engine as ProtoEngine, Event, GetInstanceConnectionRequest, Instance, InstanceCreated,
+    InstanceUpdated, ListInstancesRequest, event,
 };
 use prost::Message as _;
 use sqlx::PgConnection;
@@ -217,23 +217,11 @@ impl EventHandler for InstanceEvents {
             .map_err(|e| HandlerError::Reject(format!("not a keel.v1.Event: {e}")))?;
         let retry = |e: &dyn fmt::Display| HandlerError::Retry(e.to_string());
         match event.payload {
-            Some(event::Payload::InstanceCreated(created)) => {
-                if let Some(spec) = created
-                    .instance
-                    .as_ref()
-                    .and_then(|i| spec(i, self.defaults))
-                {
-                    store::upsert_target(tx, &spec)
-                        .await
-                        .map_err(|e| retry(&e))?;
-                }
-            }
-            Some(event::Payload::InstanceUpdated(updated)) => {
-                if let Some(spec) = updated
-                    .instance
-                    .as_ref()
-                    .and_then(|i| spec(i, self.defaults))
-                {
+            Some(
+                event::Payload::InstanceCreated(InstanceCreated { instance })
+                | event::Payload::InstanceUpdated(InstanceUpdated { instance, .. }),
+            ) => {
+                if let Some(spec) = instance.as_ref().and_then(|i| spec(i, self.defaults)) {
                     store::upsert_target(tx, &spec)
                         .await
                         .map_err(|e| retry(&e))?;
