@@ -154,7 +154,6 @@ impl keel_service::Service for Service {
             registry.clone(),
             self.connector,
             config.clone(),
-            config.rules.clone(),
             outbox(),
             subjects.clone(),
             scheduler::WorkerMetrics::register(mount.metrics()),

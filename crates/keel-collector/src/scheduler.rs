@@ -28,15 +28,15 @@ use crate::CollectorConfig;
 use crate::catalog::{self as c, Sample};
 use crate::error::CollectorError;
 use crate::registry::RegistryClient;
-use crate::rules::Rules;
 use crate::scrape::{self, postgres::PgLimits};
 use crate::statements::{self, Deltas, Snapshot};
 use crate::store::{self, Claimed, Engine, Outcome, Written};
 
 /// How long a query id whose text was asked for and not given (evicted between the two reads,
-/// or its text lost from the server's text file) is not asked for again. (Another role's
-/// statements, hidden without pg_read_all_stats, have no query id to ask with.) Reading texts reads the server's whole text
-/// file (hundreds of MB on busy servers), so only ids never asked for trigger a read.
+/// or its text lost from the server's text file) is not asked for again: reading texts reads
+/// the server's whole text file (hundreds of MB on busy servers), so only ids never asked for
+/// trigger a read. (Another role's statements, hidden without pg_read_all_stats, have no query
+/// id to ask with.)
 const TEXT_RETRY: Duration = Duration::from_secs(300);
 
 /// An open session to a target.
@@ -125,7 +125,6 @@ struct Inner {
     registry: RegistryClient,
     connector: Connector,
     config: CollectorConfig,
-    rules: Rules,
     outbox: Outbox,
     subjects: SubjectRoot,
     metrics: WorkerMetrics,
@@ -140,13 +139,11 @@ pub(crate) struct Scraped {
 }
 
 impl Scraper {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         pool: PgPool,
         registry: RegistryClient,
         connector: Connector,
         config: CollectorConfig,
-        rules: Rules,
         outbox: Outbox,
         subjects: SubjectRoot,
         metrics: WorkerMetrics,
@@ -157,7 +154,6 @@ impl Scraper {
                 registry,
                 connector,
                 config,
-                rules,
                 outbox,
                 subjects,
                 metrics,
@@ -296,7 +292,7 @@ impl Scraper {
             &self.inner.pool,
             &target,
             &outcome,
-            &self.inner.rules,
+            &self.inner.config.rules,
             &self.inner.outbox,
             &self.inner.subjects,
         )
