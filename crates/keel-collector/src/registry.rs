@@ -14,41 +14,10 @@ use keel_proto::v1::{
 };
 use prost::Message as _;
 use sqlx::PgConnection;
-use tower::ServiceExt as _;
-use tower::util::BoxCloneSyncService;
+use keel_fleet::{BoxError, FleetChannel as Channel};
 use uuid::Uuid;
 
 use crate::store::{self, Engine, TargetSpec};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-type Boxed = BoxCloneSyncService<
-    http::Request<tonic::body::Body>,
-    http::Response<tonic::body::Body>,
-    BoxError,
->;
-
-/// Any channel to the registry, behind one type. A named type with its own `Service` impl:
-/// with `BoxCloneSyncService` as the client's channel directly, rustc cannot prove the call
-/// futures `Send` for every lifetime.
-#[derive(Clone)]
-struct Channel(Boxed);
-
-impl tower::Service<http::Request<tonic::body::Body>> for Channel {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = BoxError;
-    type Future = <Boxed as tower::Service<http::Request<tonic::body::Body>>>::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        self.0.call(request)
-    }
-}
 
 /// Instance label that sets a target's scrape interval, such as `30s`.
 pub const INTERVAL_LABEL: &str = "collector.keel.dev/interval";
@@ -83,11 +52,7 @@ impl RegistryClient {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let channel = Channel(BoxCloneSyncService::new(
-            channel
-                .map_response(|response: http::Response<B>| response.map(tonic::body::Body::new))
-                .map_err(Into::into),
-        ));
+        let channel = Channel::new(channel);
         Self {
             inner: RegistryServiceClient::new(channel),
         }
@@ -95,10 +60,9 @@ impl RegistryClient {
 
     /// A client over a network `channel` that sends `key` (a fleet key) on every call.
     pub fn remote(channel: tonic::transport::Channel, key: secrecy::SecretString) -> Self {
-        Self::new(tonic::service::interceptor::InterceptedService::new(
-            channel,
-            keel_auth::bearer_interceptor(key),
-        ))
+        Self {
+            inner: RegistryServiceClient::new(Channel::remote(channel, key)),
+        }
     }
 
     /// Every instance of every tenant.
