@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "keel/v1/common.proto",
         "keel/v1/registry.proto",
         "keel/v1/collector.proto",
+        "keel/v1/optimizer.proto",
         "keel/v1/events.proto",
     ];
     let file_paths: Vec<PathBuf> = files.iter().map(|f| proto_root.join(f)).collect();

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use keel_bus::consumer::{Delivery, EventHandler, HandlerError};
 use keel_bus::{Outbox, SubjectRoot};
+use keel_fleet::{BoxError, FleetChannel as Channel};
 use keel_proto::v1::registry_service_client::RegistryServiceClient;
 use keel_proto::v1::{
     Engine as ProtoEngine, Event, GetInstanceConnectionRequest, Instance, InstanceCreated,
@@ -14,7 +15,6 @@ use keel_proto::v1::{
 };
 use prost::Message as _;
 use sqlx::PgConnection;
-use keel_fleet::{BoxError, FleetChannel as Channel};
 use uuid::Uuid;
 
 use crate::store::{self, Engine, TargetSpec};

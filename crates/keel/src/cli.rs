@@ -53,6 +53,8 @@ pub(crate) enum Target {
     Registry,
     /// The metrics collector (scrapes every instance, history, /metrics, alerts).
     Collector,
+    /// The query optimizer (index advice with evidence, apply and rollback).
+    Optimizer,
 }
 
 impl Target {
@@ -60,9 +62,10 @@ impl Target {
     /// services in the same process can call it in-process.
     pub(crate) fn services(self) -> &'static [Target] {
         match self {
-            Target::All => &[Target::Registry, Target::Collector],
+            Target::All => &[Target::Registry, Target::Collector, Target::Optimizer],
             Target::Registry => &[Target::Registry],
             Target::Collector => &[Target::Collector],
+            Target::Optimizer => &[Target::Optimizer],
         }
     }
 }
@@ -90,6 +93,8 @@ pub(crate) struct ServeArgs {
     pub(crate) encryption: EncryptionArgs,
     #[command(flatten)]
     pub(crate) collector: CollectorArgs,
+    #[command(flatten)]
+    pub(crate) optimizer: OptimizerArgs,
     /// File holding an admin API key to register at start (e.g. a mounted Kubernetes Secret),
     /// so a new deployment can be used without `keel admin create-key`.
     #[arg(long, env = "KEEL_BOOTSTRAP_ADMIN_KEY_FILE")]
@@ -182,6 +187,34 @@ pub(crate) struct CollectorArgs {
         requires = "registry_tls_cert_file"
     )]
     pub(crate) registry_tls_key_file: Option<PathBuf>,
+}
+
+/// Settings of the optimizer (`--target optimizer` or `all`). Apart from the registry it uses
+/// the collector's --registry-endpoint, --fleet-key-file and registry TLS settings.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Optimizer")]
+pub(crate) struct OptimizerArgs {
+    /// The collector's gRPC endpoint (its top queries are the workload), when this process
+    /// does not run the collector; without either, pg_stat_statements is read directly.
+    #[arg(long = "collector-endpoint", env = "KEEL_COLLECTOR_ENDPOINT")]
+    pub(crate) collector_endpoint: Option<String>,
+    /// How long a replica's claim on an analysis or an index build lasts unless renewed; a
+    /// killed replica's work is taken over after it.
+    #[arg(long = "optimizer-lease", env = "KEEL_OPTIMIZER_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) lease: Duration,
+    /// Longest an index build may run on an instance.
+    #[arg(long = "optimizer-build-timeout", env = "KEEL_OPTIMIZER_BUILD_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub(crate) build_timeout: Duration,
+    /// Longest a build or drop waits for its table's lock (`lock_timeout`).
+    #[arg(long = "optimizer-lock-timeout", env = "KEEL_OPTIMIZER_LOCK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) lock_timeout: Duration,
+    /// Planner cost units one index entry costs to write (insert or non-HOT update).
+    #[arg(
+        long = "optimizer-write-cost",
+        env = "KEEL_OPTIMIZER_WRITE_COST",
+        default_value_t = 1.0
+    )]
+    pub(crate) write_cost: f64,
 }
 
 #[derive(Debug, Args)]

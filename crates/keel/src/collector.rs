@@ -76,15 +76,31 @@ pub(crate) fn config(args: &CollectorArgs) -> anyhow::Result<CollectorConfig> {
 pub(crate) fn remote_registry(
     args: &CollectorArgs,
 ) -> anyhow::Result<keel_collector::RegistryClient> {
-    let (Some(endpoint), Some(key_file)) = (&args.registry_endpoint, &args.fleet_key_file) else {
+    let (Some(endpoint), Some(_)) = (&args.registry_endpoint, &args.fleet_key_file) else {
         return Err(Failure::Invalid.error(
             "--target collector without the registry in this process needs --registry-endpoint / \
              KEEL_REGISTRY_ENDPOINT and --fleet-key-file / KEEL_FLEET_KEY_FILE (a key from `keel admin create-key --fleet`)",
         ));
     };
+    let (channel, key) = remote_channel(args, endpoint, "--registry-endpoint")?;
+    Ok(keel_collector::RegistryClient::remote(channel, key))
+}
+
+/// A lazy channel to another Keel service at `endpoint`, with the fleet key and the registry
+/// TLS settings of `args` (one CA and client identity for Keel's own endpoints).
+pub(crate) fn remote_channel(
+    args: &CollectorArgs,
+    endpoint: &str,
+    setting: &str,
+) -> anyhow::Result<(tonic::transport::Channel, secrecy::SecretString)> {
+    let Some(key_file) = &args.fleet_key_file else {
+        return Err(Failure::Invalid.error(format!(
+            "{setting} needs --fleet-key-file / KEEL_FLEET_KEY_FILE (a key from `keel admin create-key --fleet`)"
+        )));
+    };
     let key = keel_config::read_secret_file("--fleet-key-file / KEEL_FLEET_KEY_FILE", key_file)?;
-    let mut channel = Endpoint::from_shared(endpoint.clone())
-        .map_err(|e| Failure::Invalid.error(format!("--registry-endpoint {endpoint:?}: {e}")))?
+    let mut channel = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| Failure::Invalid.error(format!("{setting} {endpoint:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10));
     if endpoint.starts_with("https://") {
@@ -105,11 +121,8 @@ pub(crate) fn remote_registry(
             .map_err(|e| Failure::Invalid.error(format!("registry TLS settings: {e}")))?;
     } else if args.registry_tls_ca_file.is_some() || args.registry_tls_cert_file.is_some() {
         return Err(Failure::Invalid.error(format!(
-            "registry TLS settings are set but --registry-endpoint {endpoint} is not https://"
+            "registry TLS settings are set but {setting} {endpoint} is not https://"
         )));
     }
-    Ok(keel_collector::RegistryClient::remote(
-        channel.connect_lazy(),
-        key,
-    ))
+    Ok((channel.connect_lazy(), key))
 }

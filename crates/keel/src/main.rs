@@ -5,6 +5,7 @@ mod client;
 mod collector;
 mod commands;
 mod failure;
+mod optimizer;
 mod output;
 mod serve;
 mod table;

@@ -699,6 +699,15 @@ pub(crate) fn event_json(subject: &str, event: &Event) -> Value {
         Some(event::Payload::AlertResolved(p)) => {
             json!({"alert": p.alert.as_ref().map(alert_json)})
         }
+        Some(
+            event::Payload::RecommendationCreated(p)
+            | event::Payload::RecommendationApplied(p)
+            | event::Payload::RecommendationRolledBack(p)
+            | event::Payload::RecommendationFailed(p),
+        ) => json!({
+            "recommendation_id": p.recommendation_id, "table": p.table,
+            "index_name": p.index_name, "ddl": p.ddl, "reason": p.reason,
+        }),
         None => Value::Null,
     };
     json!({
@@ -748,6 +757,18 @@ pub(crate) fn event_line(subject: &str, event: &Event) -> String {
             )
         }
         Some(event::Payload::AlertFiring(_) | event::Payload::AlertResolved(_)) => String::new(),
+        Some(
+            event::Payload::RecommendationCreated(p)
+            | event::Payload::RecommendationApplied(p)
+            | event::Payload::RecommendationRolledBack(p)
+            | event::Payload::RecommendationFailed(p),
+        ) => {
+            let mut line = format!("{} {}", p.index_name, p.ddl);
+            if !p.reason.is_empty() {
+                line = format!("{line}: {}", p.reason);
+            }
+            line
+        }
         None => String::new(),
     };
     format!(

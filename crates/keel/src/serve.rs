@@ -21,6 +21,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let collector_targets = args
         .targets
         .connector("collector", Some(&args.database.url))?;
+    let optimizer_targets = args
+        .targets
+        .connector("optimizer", Some(&args.database.url))?;
     let services = args.target.services();
     let collector_config = crate::collector::config(&args.collector)?;
     keel_auth::validate_tenant(&args.bootstrap_tenant)
@@ -97,6 +100,45 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     registry,
                     collector_targets.clone(),
                     collector_config.clone(),
+                ))
+                .await?;
+            }
+            Target::Optimizer => {
+                let in_process = |target| services.contains(&target);
+                let registry = if in_process(Target::Registry) {
+                    keel_fleet::FleetChannel::new(host.in_process())
+                } else {
+                    let endpoint =
+                        args.collector.registry_endpoint.as_deref().ok_or_else(|| {
+                            crate::failure::Failure::Invalid.error(
+                                "--target optimizer without the registry in this process needs \
+                             --registry-endpoint / KEEL_REGISTRY_ENDPOINT and --fleet-key-file",
+                            )
+                        })?;
+                    let (channel, key) = crate::collector::remote_channel(
+                        &args.collector,
+                        endpoint,
+                        "--registry-endpoint",
+                    )?;
+                    keel_fleet::FleetChannel::remote(channel, key)
+                };
+                let collector = if in_process(Target::Collector) {
+                    Some(keel_fleet::FleetChannel::new(host.in_process()))
+                } else if let Some(endpoint) = &args.optimizer.collector_endpoint {
+                    let (channel, key) = crate::collector::remote_channel(
+                        &args.collector,
+                        endpoint,
+                        "--collector-endpoint",
+                    )?;
+                    Some(keel_fleet::FleetChannel::remote(channel, key))
+                } else {
+                    None
+                };
+                host.add(keel_optimizer::Service::new(
+                    registry,
+                    collector,
+                    optimizer_targets.clone(),
+                    crate::optimizer::config(&args.optimizer)?,
                 ))
                 .await?;
             }
