@@ -61,6 +61,22 @@ impl Deployment {
         collector: keel_collector::CollectorConfig,
         collector_targets: keel_target::TargetConfig,
     ) -> anyhow::Result<Self> {
+        Self::start_full(
+            collector,
+            collector_targets,
+            Some(keel_optimizer::OptimizerConfig::default()),
+        )
+        .await
+    }
+
+    /// Starts the services on fresh servers: the collector with `collector` under
+    /// `collector_targets`, and the optimizer with `optimizer` (`None`: no optimizer in this
+    /// host, for tests that run it as a process of its own).
+    pub async fn start_full(
+        collector: keel_collector::CollectorConfig,
+        collector_targets: keel_target::TargetConfig,
+        optimizer: Option<keel_optimizer::OptimizerConfig>,
+    ) -> anyhow::Result<Self> {
         let env = keel_testkit::TestEnv::new();
         let db = env.database().await?;
         let nats_url = env.nats_url().await?;
@@ -82,6 +98,15 @@ impl Deployment {
             collector,
         ))
         .await?;
+        if let Some(config) = optimizer {
+            host.add(keel_optimizer::Service::new(
+                keel_fleet::FleetChannel::new(host.in_process()),
+                Some(keel_fleet::FleetChannel::new(host.in_process())),
+                keel_target::TargetConfig::default().connector("optimizer", Some(&state_store))?,
+                config,
+            ))
+            .await?;
+        }
 
         let keys = host.keys().clone();
         let admin_key = keys
@@ -173,6 +198,63 @@ impl Deployment {
         })
     }
 
+    /// A new fleet key (role `service`, every tenant), as `keel admin create-key --fleet` makes.
+    pub async fn fleet_key(&self, name: &str) -> anyhow::Result<SecretString> {
+        Ok(self
+            .keys
+            .create_key(
+                NewKey::fleet(format!("{name}-{}", uuid_suffix())),
+                &Actor::system("keel-e2e"),
+            )
+            .await?
+            .key)
+    }
+
+    /// `keel serve --target <target>` as a child process on this deployment's state store and
+    /// NATS, calling the registry (and collector) of this deployment with a fleet key, on
+    /// loopback ports of its own; `env` adds settings. Killed on drop.
+    pub async fn serve_process(
+        &self,
+        target: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<ServeProcess> {
+        let dir = tempfile::tempdir()?;
+        let key_file = dir.path().join("fleet.key");
+        std::fs::write(&key_file, self.fleet_key(target).await?.expose_secret())?;
+        let grpc = free_loopback()?;
+        let http = free_loopback()?;
+        let child = tokio::process::Command::new(keel_binary()?)
+            .args(["serve", "--target", target])
+            .env("KEEL_DATABASE_URL", &self.database_url)
+            .env("KEEL_NATS_URL", &self.nats_url)
+            .env("KEEL_GRPC_LISTEN", grpc.to_string())
+            .env("KEEL_HTTP_LISTEN", http.to_string())
+            .env("KEEL_ALLOW_PLAINTEXT", "true")
+            .env("KEEL_ENCRYPTION_KEYS", ENCRYPTION_KEYS)
+            .env("KEEL_REGISTRY_ENDPOINT", format!("http://{}", self.grpc))
+            .env("KEEL_COLLECTOR_ENDPOINT", format!("http://{}", self.grpc))
+            .env("KEEL_FLEET_KEY_FILE", &key_file)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting keel serve")?;
+        let process = ServeProcess {
+            child,
+            grpc,
+            http,
+            _dir: dir,
+        };
+        for _ in 0..300 {
+            if ready(http).await {
+                return Ok(process);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("keel serve --target {target} was not ready within 30 s")
+    }
+
     /// Runs the `keel` CLI against this deployment with `key`.
     pub fn cli(&self, key: &str, args: &[&str]) -> anyhow::Result<Output> {
         Command::new(keel_binary()?)
@@ -238,6 +320,45 @@ async fn host_on_loopback(
         Host::connect(&config).await?,
         (grpc_listener, http_listener),
     ))
+}
+
+/// A `keel serve` child process (see [`Deployment::serve_process`]).
+#[derive(Debug)]
+pub struct ServeProcess {
+    child: tokio::process::Child,
+    /// Its gRPC listener.
+    pub grpc: SocketAddr,
+    /// Its HTTP listener.
+    pub http: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ServeProcess {
+    /// Kills it with SIGKILL, as a crash or an OOM kill would, and reaps it.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// Whether `/readyz` at `http` answers 200.
+async fn ready(http: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(http).await else {
+        return false;
+    };
+    let request = format!("GET /readyz HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
+}
+
+fn free_loopback() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
 }
 
 fn uuid_suffix() -> String {
