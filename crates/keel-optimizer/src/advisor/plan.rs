@@ -35,11 +35,15 @@ impl Plan {
         let mut out: Vec<String> = Vec::new();
         for scan in &self.scans {
             let mut text = scan.clone();
-            if let Some((head, rest)) = scan.split_once(" using ")
-                && let Some((index, tail)) = rest.split_once(" on ")
-                && let Some(label) = names(index)
-            {
-                text = format!("{head} using {label} on {tail}");
+            if let Some((head, rest)) = scan.split_once(" using ") {
+                let (index, tail) = rest.split_once(" on ").unwrap_or((rest, ""));
+                if let Some(label) = names(index) {
+                    text = if tail.is_empty() {
+                        format!("{head} using {label}")
+                    } else {
+                        format!("{head} using {label} on {tail}")
+                    };
+                }
             }
             out.push(text);
         }
@@ -91,12 +95,15 @@ mod tests {
         let plan = Plan::from_json(&explain).expect("a plan");
         assert_eq!(plan.cost, 42.5);
         assert_eq!(plan.indexes, vec!["<13001>btree_users_email", "events_at"]);
-        let shape = plan
-            .shape(&|name| (name == "<13001>btree_users_email").then(|| "users(email)".to_owned()));
+        let shape = plan.shape(&|name| match name {
+            "<13001>btree_users_email" => Some("users(email)".to_owned()),
+            "events_at" => Some("events(at)".to_owned()),
+            _ => None,
+        });
         assert_eq!(
             shape,
             "Seq Scan on orders; Index Only Scan using users(email) on users; \
-             Bitmap Heap Scan on events; Bitmap Index Scan using events_at"
+             Bitmap Heap Scan on events; Bitmap Index Scan using events(at)"
         );
     }
 }
