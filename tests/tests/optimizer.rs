@@ -46,13 +46,13 @@ async fn target(keel: &Deployment, rows: i64) -> anyhow::Result<(String, PgConne
                  created_at timestamptz NOT NULL, total numeric NOT NULL, note text);
              INSERT INTO orders SELECT g, (g * 7919) % 2000, \
                  timestamptz '2026-01-01' + g * interval '1 minute', g % 1000, repeat('n', 50) \
-             FROM generate_series(1, {rows}) g;
-             VACUUM ANALYZE orders;
-             SELECT pg_stat_statements_reset();"
+             FROM generate_series(1, {rows}) g"
         )
         .as_str(),
     )
     .await?;
+    conn.execute("VACUUM ANALYZE orders").await?;
+    conn.execute("SELECT pg_stat_statements_reset()").await?;
     for i in 0..200 {
         sqlx::query("SELECT id, total FROM orders WHERE account_id = $1 AND created_at >= $2")
             .bind(i % 2000)

@@ -68,6 +68,10 @@ pub struct Selection {
     pub steps: Vec<String>,
 }
 
+/// The best move of a step so far: the move, its ratio, the set it makes, the plans that
+/// change, the bytes it adds.
+type Best = (Move, f64, Vec<usize>, Vec<(usize, Plan)>, i64);
+
 #[derive(Debug, Clone, PartialEq)]
 enum Move {
     Add(usize),
@@ -219,7 +223,7 @@ impl<'a> Selector<'a> {
 
         loop {
             moves.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let mut best: Option<(Move, f64, Vec<usize>, Vec<(usize, Plan)>, i64)> = None;
+            let mut best: Option<Best> = None;
             let mut fresh: Vec<(Move, f64)> = Vec::new();
             let mut rest = std::mem::take(&mut moves).into_iter();
             for (mv, stale) in rest.by_ref() {
@@ -331,13 +335,12 @@ impl<'a> Selector<'a> {
             }
             for candidate in candidates {
                 let other = self.whatif.def(*candidate);
-                if other != &def && def.is_prefix_of(other) {
-                    grown.insert(other.clone());
-                } else if other != &def
-                    && other.keys == def.keys
-                    && other.predicate == def.predicate
-                    && !other.include.is_empty()
-                {
+                // A candidate with it as a prefix, or the same keys with INCLUDE columns.
+                let richer = def.is_prefix_of(other)
+                    || (other.keys == def.keys
+                        && other.predicate == def.predicate
+                        && !other.include.is_empty());
+                if other != &def && richer {
                     grown.insert(other.clone());
                 }
             }
