@@ -442,6 +442,7 @@ async fn a_failed_build_leaves_no_invalid_index() -> anyhow::Result<()> {
         keel_target::TargetConfig::default(),
         Some(keel_optimizer::OptimizerConfig {
             lock_timeout: Duration::from_secs(1),
+            lease: Duration::from_secs(2),
             poll_interval: Duration::from_millis(200),
             ..keel_optimizer::OptimizerConfig::default()
         }),
@@ -469,17 +470,22 @@ async fn a_failed_build_leaves_no_invalid_index() -> anyhow::Result<()> {
         Duration::from_secs(60),
     )
     .await?;
-    blocker.execute("COMMIT").await?;
     assert!(
         failed.state_reason.contains("lock timeout"),
         "{}",
         failed.state_reason
     );
-    assert!(
-        indexes(&mut conn).await?.is_empty(),
-        "no index left behind: {:?}",
-        indexes(&mut conn).await?
-    );
+    // Dropping the invalid leftover needs the same wait; it goes as soon as the blocker does.
+    blocker.execute("COMMIT").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !indexes(&mut conn).await?.is_empty() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "an index was left behind: {:?}",
+            indexes(&mut conn).await?
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // With the blocker gone, the same recommendation applies.
     c.optimizer
         .apply_recommendation(ApplyRecommendationRequest { id: rec.id.clone() })

@@ -53,10 +53,13 @@ CREATE TABLE recommendations (
     effects          jsonb NOT NULL DEFAULT '[]',
     explanation      text NOT NULL,
     lease_until      timestamptz NOT NULL DEFAULT now(),
+    -- A failed build left an invalid index that could not be dropped at once (the lock it needs
+    -- was held): a worker drops it as soon as it can.
+    cleanup_pending  boolean NOT NULL DEFAULT false,
     version          bigint NOT NULL DEFAULT 1,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX recommendations_in_flight ON recommendations (lease_until)
-    WHERE state IN ('applying', 'rolling_back');
+    WHERE state IN ('applying', 'rolling_back') OR cleanup_pending;
 CREATE INDEX recommendations_instance ON recommendations (tenant, instance_id, created_at DESC);

@@ -24,8 +24,11 @@ pub(crate) enum Outcome {
         built_bytes: Option<i64>,
         effects: Option<Vec<EffectRecord>>,
     },
-    /// It failed, leaving nothing half-built; the reason names the fix.
-    Failed(String),
+    /// It failed; the reason names the fix. `leftover`: an invalid index could not be dropped
+    /// yet (its lock was held) and is dropped later.
+    Failed { reason: String, leftover: bool },
+    /// A failed build's leftover was dropped.
+    Cleaned,
     /// Another session is still building this index (a previous attempt's, not yet stopped):
     /// try again once the lease lapses.
     Retry(String),
@@ -166,7 +169,10 @@ async fn build(
     ddl: &str,
 ) -> Result<Outcome, sqlx::Error> {
     if let Err(fix) = check_owner(conn, &row.table_name).await? {
-        return Ok(Outcome::Failed(fix));
+        return Ok(Outcome::Failed {
+            reason: fix,
+            leftover: false,
+        });
     }
     let mut effects = row.effects.0.clone();
     match index_state(conn, &row.index_schema, &row.index_name).await? {
@@ -198,27 +204,33 @@ async fn build(
                 } else {
                     String::new()
                 };
-                let left = match cleanup {
-                    Ok(()) => String::new(),
-                    Err(e) => format!(
-                        "; the invalid index {} could not be dropped ({}): drop it with \
-                         `DROP INDEX CONCURRENTLY {}`",
-                        row.index_name,
-                        describe(&e),
-                        quoted(&row.index_schema, &row.index_name)
+                let (left, leftover) = match cleanup {
+                    Ok(()) => (String::new(), false),
+                    Err(e) => (
+                        format!(
+                            "; the invalid index {} it left could not be dropped yet ({}): Keel \
+                             drops it as soon as the lock is free",
+                            row.index_name,
+                            describe(&e)
+                        ),
+                        true,
                     ),
                 };
-                return Ok(Outcome::Failed(format!(
-                    "the build failed: {reason}{hint}{left}"
-                )));
+                return Ok(Outcome::Failed {
+                    reason: format!("the build failed: {reason}{hint}{left}"),
+                    leftover,
+                });
             }
         }
     }
     if index_state(conn, &row.index_schema, &row.index_name).await? != Some(true) {
-        drop_index(conn, &row.index_schema, &row.index_name).await?;
-        return Ok(Outcome::Failed(
-            "the build ended with an invalid index (dropped again); see the instance's log".into(),
-        ));
+        let leftover = drop_index(conn, &row.index_schema, &row.index_name)
+            .await
+            .is_err();
+        return Ok(Outcome::Failed {
+            reason: "the build ended with an invalid index; see the instance's log".into(),
+            leftover,
+        });
     }
     let built: i64 =
         sqlx::query_scalar("/* keel-optimizer */ SELECT pg_relation_size(to_regclass($1))::int8")
@@ -245,7 +257,10 @@ async fn remove(
     measure_effects: bool,
 ) -> Result<Outcome, sqlx::Error> {
     if let Err(fix) = check_owner(conn, &row.table_name).await? {
-        return Ok(Outcome::Failed(fix));
+        return Ok(Outcome::Failed {
+            reason: fix,
+            leftover: false,
+        });
     }
     drop_index(conn, &row.index_schema, &row.index_name).await?;
     let effects = if measure_effects {
@@ -286,8 +301,15 @@ async fn run_inner(
         ("create_index", "rolling_back") => remove(conn, row, false).await,
         ("drop_index", "applying") => remove(conn, row, true).await,
         ("drop_index", "rolling_back") => build(conn, row, &row.rollback_ddl).await,
-        (kind, state) => Ok(Outcome::Failed(format!(
-            "nothing to do for a {kind} recommendation in state {state}"
-        ))),
+        ("create_index", "failed") if row.cleanup_pending => {
+            if index_state(conn, &row.index_schema, &row.index_name).await? == Some(false) {
+                drop_index(conn, &row.index_schema, &row.index_name).await?;
+            }
+            Ok(Outcome::Cleaned)
+        }
+        (kind, state) => Ok(Outcome::Failed {
+            reason: format!("nothing to do for a {kind} recommendation in state {state}"),
+            leftover: false,
+        }),
     }
 }

@@ -272,6 +272,7 @@ impl Workers {
             }
         };
         let applying = row.state == "applying";
+        let mut leftover = false;
         let (state, reason, built, effects, kind) = match outcome {
             Ok(Outcome::Done {
                 reason,
@@ -282,18 +283,30 @@ impl Workers {
                 reason,
                 built_bytes,
                 effects,
-                if applying {
+                Some(if applying {
                     &events::APPLIED
                 } else {
                     &events::ROLLED_BACK
-                },
+                }),
             ),
-            Ok(Outcome::Failed(reason)) => ("failed", reason, None, None, &events::FAILED),
+            Ok(Outcome::Failed {
+                reason,
+                leftover: left,
+            }) => {
+                leftover = left;
+                ("failed", reason, None, None, Some(&events::FAILED))
+            }
+            Ok(Outcome::Cleaned) => {
+                let reason = format!("{}; the invalid index it left is dropped", row.state_reason);
+                ("failed", reason, None, None, None)
+            }
             Ok(Outcome::Retry(reason)) => {
                 tracing::info!(recommendation = %row.id, %reason, "apply deferred");
                 return;
             }
-            Err(OptimizerError::Target(reason)) => ("failed", reason, None, None, &events::FAILED),
+            Err(OptimizerError::Target(reason)) if row.state != "failed" => {
+                ("failed", reason, None, None, Some(&events::FAILED))
+            }
             Err(error) => {
                 // The instance or a peer is unreachable: the lease lapses and it is tried again.
                 tracing::warn!(recommendation = %row.id, %error, "apply interrupted; will retry");
@@ -309,6 +322,7 @@ impl Workers {
             &reason,
             built,
             effects.as_deref(),
+            leftover,
             kind,
         )
         .await

@@ -116,6 +116,7 @@ pub(crate) struct RecommendationRow {
     pub(crate) share_of_time: f64,
     pub(crate) effects: Json<Vec<EffectRecord>>,
     pub(crate) explanation: String,
+    pub(crate) cleanup_pending: bool,
     pub(crate) version: i64,
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) updated_at: DateTime<Utc>,
@@ -365,7 +366,7 @@ pub(crate) async fn request(
     let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
     Ok(sqlx::query_as(
         "UPDATE optimizer.recommendations SET state = $4, state_reason = '', \
-                lease_until = now(), version = version + 1, updated_at = now() \
+                cleanup_pending = false, lease_until = now(), version = version + 1, updated_at = now() \
          WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) AND state = ANY($3) RETURNING *",
     )
     .bind(id)
@@ -385,7 +386,8 @@ pub(crate) async fn claim_in_flight(
         "UPDATE optimizer.recommendations SET lease_until = now() + make_interval(secs => $1), \
                 version = version + 1 \
          WHERE id = (SELECT id FROM optimizer.recommendations \
-                     WHERE state IN ('applying', 'rolling_back') AND lease_until <= now() \
+                     WHERE (state IN ('applying', 'rolling_back') OR cleanup_pending) \
+                       AND lease_until <= now() \
                      ORDER BY updated_at FOR UPDATE SKIP LOCKED LIMIT 1) \
          RETURNING *",
     )
@@ -413,7 +415,8 @@ pub(crate) async fn renew(
     Ok(updated.rows_affected() == 1)
 }
 
-/// Ends a claimed apply or rollback in `state`, with its event, if the claim still holds.
+/// Ends a claimed apply, rollback or cleanup in `state`, with its event (`kind`) if it has one,
+/// if the claim still holds.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn settle(
     pool: &PgPool,
@@ -424,13 +427,14 @@ pub(crate) async fn settle(
     reason: &str,
     built_bytes: Option<i64>,
     effects: Option<&[EffectRecord]>,
-    kind: &EventKind,
+    cleanup_pending: bool,
+    kind: Option<&EventKind>,
 ) -> Result<Option<RecommendationRow>, OptimizerError> {
     let mut tx = pool.begin().await?;
     let row: Option<RecommendationRow> = sqlx::query_as(
         "UPDATE optimizer.recommendations SET state = $3, state_reason = $4, \
                 built_bytes = coalesce($5, built_bytes), effects = coalesce($6, effects), \
-                version = version + 1, updated_at = now() \
+                cleanup_pending = $7, version = version + 1, updated_at = now() \
          WHERE id = $1 AND version = $2 RETURNING *",
     )
     .bind(claimed.id)
@@ -439,14 +443,17 @@ pub(crate) async fn settle(
     .bind(reason)
     .bind(built_bytes)
     .bind(effects.map(Json))
+    .bind(cleanup_pending)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
         return Ok(None);
     };
-    outbox
-        .enqueue(&mut tx, &events::changed(subjects, kind, &row)?)
-        .await?;
+    if let Some(kind) = kind {
+        outbox
+            .enqueue(&mut tx, &events::changed(subjects, kind, &row)?)
+            .await?;
+    }
     tx.commit().await?;
     Ok(Some(row))
 }
