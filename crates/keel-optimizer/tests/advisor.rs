@@ -10,9 +10,24 @@ async fn database(setup: &str) -> anyhow::Result<(keel_testkit::TestEnv, PgConne
     let env = keel_testkit::TestEnv::new();
     let db = env.database().await?;
     let mut conn = PgConnection::connect(&db.url).await?;
-    conn.execute("CREATE EXTENSION IF NOT EXISTS hypopg").await?;
+    conn.execute("CREATE EXTENSION IF NOT EXISTS hypopg")
+        .await?;
     conn.execute(setup).await?;
-    conn.execute("VACUUM ANALYZE").await?;
+    // Index-only scans are costed from the visibility map, which VACUUM can only set once no
+    // snapshot (another test's, on the same server) still needs the rows: wait until it has.
+    for _ in 0..100 {
+        conn.execute("VACUUM ANALYZE").await?;
+        let (pages, visible): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(sum(relpages), 0)::int8, coalesce(sum(relallvisible), 0)::int8 \
+             FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        if visible >= pages {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     Ok((env, conn))
 }
 
@@ -74,8 +89,16 @@ fn assert_sound(advice: &Advice) {
     for r in &advice.recommendations {
         assert!(!r.effects.is_empty(), "{} has no evidence", r.index.label());
         assert!(r.estimated_bytes > 0, "{} has no size", r.index.label());
-        assert!(r.explanation.contains(&r.index.label()), "{}", r.explanation);
-        assert!(r.index.create_ddl("x").starts_with("CREATE INDEX CONCURRENTLY"));
+        assert!(
+            r.explanation.contains(&r.index.label()),
+            "{}",
+            r.explanation
+        );
+        assert!(
+            r.index
+                .create_ddl("x")
+                .starts_with("CREATE INDEX CONCURRENTLY")
+        );
     }
 }
 
@@ -127,7 +150,11 @@ async fn a_covering_index_enables_an_index_only_scan() -> anyhow::Result<()> {
         report.plan_after,
         keys(&advice)
     );
-    assert!(report.plan_before.contains("Seq Scan"), "{}", report.plan_before);
+    assert!(
+        report.plan_before.contains("Seq Scan"),
+        "{}",
+        report.plan_before
+    );
     Ok(())
 }
 
@@ -201,7 +228,11 @@ async fn an_index_on_a_write_heavy_table_must_pay_for_itself() -> anyhow::Result
 #[tokio::test]
 async fn a_primary_key_lookup_needs_nothing() -> anyhow::Result<()> {
     let (_env, mut conn) = database(ORDERS).await?;
-    let workload = [statement(1, "SELECT * FROM orders WHERE id = $1", 100_000.0)];
+    let workload = [statement(
+        1,
+        "SELECT * FROM orders WHERE id = $1",
+        100_000.0,
+    )];
     let advice = advisor::advise(&mut conn, &workload, &Settings::default()).await?;
     assert_sound(&advice);
     assert!(advice.recommendations.is_empty(), "{:?}", keys(&advice));
@@ -278,9 +309,13 @@ async fn unused_and_redundant_indexes_are_advised_away() -> anyhow::Result<()> {
 async fn a_missing_hypopg_is_an_error_with_the_fix() -> anyhow::Result<()> {
     let (_env, mut conn) = database("CREATE TABLE t (a int)").await?;
     conn.execute("DROP EXTENSION hypopg").await?;
-    let error = advisor::advise(&mut conn, &[statement(1, "SELECT 1", 1.0)], &Settings::default())
-        .await
-        .expect_err("no hypopg");
+    let error = advisor::advise(
+        &mut conn,
+        &[statement(1, "SELECT 1", 1.0)],
+        &Settings::default(),
+    )
+    .await
+    .expect_err("no hypopg");
     let message = error.to_string();
     assert!(message.contains("CREATE EXTENSION hypopg"), "{message}");
     Ok(())

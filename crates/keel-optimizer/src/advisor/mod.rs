@@ -404,9 +404,13 @@ async fn run(
         report.param_count = planned.param_count;
         report.cost_before = Some(base.cost);
         let mut options = HashMap::new();
+        let mut covering = HashMap::new();
         for used in &shape.tables {
             if let Some(table) = &used.table {
                 options.insert(table.clone(), candidates::column_options(&shape, table));
+                if !used.all_columns && !used.referenced.is_empty() {
+                    covering.insert(table.clone(), used.referenced.clone());
+                }
             }
         }
         statements.push(select::Statement {
@@ -414,6 +418,7 @@ async fn run(
             weight: item.calls.max(1.0),
             base,
             options,
+            covering,
         });
         statement_report.push(reports.len());
         reports.push(report);
@@ -442,6 +447,7 @@ async fn run(
         pool.extend(candidates::for_statement(shape, &tables));
     }
     let candidate_ids: Vec<usize> = pool.iter().map(|d| whatif.id(d)).collect();
+
     tell(
         "selecting",
         format!("{} candidate indexes", candidate_ids.len()),

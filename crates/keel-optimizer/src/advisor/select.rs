@@ -29,6 +29,9 @@ pub struct Statement {
     pub base: Plan,
     /// Per table, the keys it searches, joins, sorts or groups on (what Extend appends).
     pub options: HashMap<TableName, Vec<Key>>,
+    /// Per table, every column it reads there, when it does not read them all: what an index
+    /// must hold (as keys or `INCLUDE`) to answer it with an index-only scan.
+    pub covering: HashMap<TableName, Vec<String>>,
 }
 
 /// Rows an `UPDATE` changed in the window, and the columns it sets.
@@ -204,6 +207,21 @@ impl<'a> Selector<'a> {
         Ok(Some(out))
     }
 
+    /// Chosen indexes that no statement's plan uses.
+    fn idle(&self, chosen: &[usize], plans: &[Plan]) -> Vec<usize> {
+        chosen
+            .iter()
+            .copied()
+            .filter(|id| {
+                !plans.iter().any(|plan| {
+                    plan.indexes
+                        .iter()
+                        .any(|name| self.whatif.by_name(name) == Some(*id))
+                })
+            })
+            .collect()
+    }
+
     /// Runs Extend; `progress` hears each step taken.
     pub async fn run(
         mut self,
@@ -279,6 +297,7 @@ impl<'a> Selector<'a> {
                     continue;
                 }
                 let ratio = benefit / (added.max(8192) as f64);
+
                 if best.as_ref().is_none_or(|(_, r, ..)| ratio > *r) {
                     if let Some((old_mv, old_ratio, ..)) = best.take() {
                         fresh.push((old_mv, old_ratio));
@@ -313,6 +332,26 @@ impl<'a> Selector<'a> {
             for (at, plan) in new_plans {
                 plans[at] = plan;
             }
+            // An index the new one made idle (no plan uses it any more) goes: it would cost
+            // space and writes for nothing.
+            for idle in self.idle(&chosen, &plans) {
+                let without: Vec<usize> = chosen.iter().copied().filter(|c| *c != idle).collect();
+                let table = self.whatif.def(idle).table.clone();
+                let Some(replanned) = self.plans_on(conn, &table, &without).await? else {
+                    continue;
+                };
+                if replanned
+                    .iter()
+                    .all(|(at, p)| p.cost <= plans[*at].cost * (1.0 + 1e-9) + 1e-9)
+                {
+                    steps.push(format!("- {} (idle)", self.whatif.def(idle).label()));
+                    used_bytes -= self.size(idle);
+                    chosen = without;
+                    for (at, plan) in replanned {
+                        plans[at] = plan;
+                    }
+                }
+            }
             progress(
                 &steps.last().cloned().unwrap_or_default(),
                 self.whatif.calls,
@@ -329,6 +368,25 @@ impl<'a> Selector<'a> {
                         }
                         let mut next = def.clone();
                         next.keys.push(key.clone());
+                        grown.insert(next);
+                    }
+                }
+            }
+            // ... or the columns a statement reads there as INCLUDE, for an index-only scan.
+            if def.include.is_empty() {
+                for statement in self.statements {
+                    let Some(reads) = statement.covering.get(&def.table) else {
+                        continue;
+                    };
+                    let keyed: Vec<&str> = def.keys.iter().flat_map(Key::columns).collect();
+                    let include: Vec<String> = reads
+                        .iter()
+                        .filter(|c| !keyed.contains(&c.as_str()))
+                        .cloned()
+                        .collect();
+                    if !include.is_empty() && keyed.len() + include.len() <= 8 {
+                        let mut next = def.clone();
+                        next.include = include;
                         grown.insert(next);
                     }
                 }
