@@ -727,7 +727,7 @@ mod tests {
             .filter_map(|t| t.to_possible_value())
             .map(|v| v.get_name().to_owned())
             .collect();
-        assert_eq!(targets, ["all", "registry", "collector"]);
+        assert_eq!(targets, ["all", "registry", "collector", "optimizer"]);
         // Each offered service is one `all` runs.
         for target in Target::value_variants() {
             if *target != Target::All {
