@@ -30,6 +30,11 @@ pub(crate) enum Command {
     /// Show the alerts the collector's rules raised.
     #[command(subcommand)]
     Alerts(AlertsCommand),
+    /// Analyse a PostgreSQL instance's workload and propose indexes, with the evidence.
+    Optimize(OptimizeArgs),
+    /// List, show, apply and roll back the optimizer's recommendations.
+    #[command(subcommand)]
+    Recs(RecsCommand),
     /// Watch Keel's events.
     #[command(subcommand)]
     Events(EventsCommand),
@@ -452,6 +457,105 @@ pub(crate) enum AlertsCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// `keel optimize`.
+#[derive(Debug, Args)]
+pub(crate) struct OptimizeArgs {
+    /// Name or id of a PostgreSQL instance.
+    pub(crate) instance: String,
+    /// Most space the new indexes may take (their estimated size), e.g. 500MB, 1.5GB, 200kB or
+    /// a number of bytes; kB, MB, GB and TB are powers of 1024 [default: 10% of the data size].
+    #[arg(long)]
+    pub(crate) budget: Option<String>,
+    /// Most new indexes to propose [default: 10].
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=50))]
+    pub(crate) max_indexes: Option<i32>,
+    /// The workload's window ending now, e.g. 15m, 1h or 1d (1 minute to 30 days).
+    #[arg(long, default_value = "1h")]
+    pub(crate) window: String,
+    /// Most statements of the workload to plan, by total time [default: 50].
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=500))]
+    pub(crate) max_statements: Option<i32>,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+/// Recommendation states as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RecStateArg {
+    /// Proposed; nothing done on the instance.
+    Proposed,
+    /// Being applied.
+    Applying,
+    /// Applied and verified.
+    Applied,
+    /// Being rolled back.
+    #[value(alias = "rolling_back")]
+    RollingBack,
+    /// Rolled back.
+    #[value(alias = "rolled_back")]
+    RolledBack,
+    /// Applying or rolling back failed.
+    Failed,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RecsCommand {
+    /// List recommendations, newest first.
+    Ls {
+        /// Only this instance's recommendations (name or id).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only those in this state.
+        #[arg(long, value_enum)]
+        state: Option<RecStateArg>,
+        /// Most recommendations to show.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i32).range(1..=500))]
+        limit: i32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one recommendation with its evidence: DDL, sizes, costs, and the plan of each
+    /// statement it helps before and after.
+    Show {
+        /// Recommendation id, whole or its short form as `keel recs ls` shows it.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Apply a recommendation: build the index (CREATE INDEX CONCURRENTLY), or drop it.
+    /// Applying one already applying or applied changes nothing.
+    Apply {
+        /// Recommendation id, whole or its short form as `keel recs ls` shows it.
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Roll back an applied recommendation (DROP INDEX CONCURRENTLY, or the dropped index
+    /// built again).
+    Rollback {
+        /// Recommendation id, whole or its short form as `keel recs ls` shows it.
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Waiting for an apply or a rollback to end.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct WaitArgs {
+    /// Wait until the change ends (applied, rolled back or failed), asking every 500 ms; exit 1
+    /// if it failed.
+    #[arg(long)]
+    pub(crate) wait: bool,
+    /// Longest wait with --wait (the change goes on in Keel after it).
+    #[arg(long = "wait-timeout", default_value = "1h", value_parser = parse_duration, requires = "wait")]
+    pub(crate) wait_timeout: Duration,
 }
 
 /// A `--window` value: a duration above zero, parsed like every duration setting. Read by

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_proto::v1::collector_service_client::CollectorServiceClient;
+use keel_proto::v1::optimizer_service_client::OptimizerServiceClient;
 use keel_proto::v1::registry_service_client::RegistryServiceClient;
 use keel_proto::v1::*;
 use secrecy::{ExposeSecret, SecretString};
@@ -134,6 +135,23 @@ impl Collector {
     }
 }
 
+/// The optimizer, each call retried like the registry's (a stream: only until it starts).
+#[derive(Clone)]
+pub(crate) struct Optimizer {
+    inner: OptimizerServiceClient<InterceptedService<Channel, Credentials>>,
+}
+
+impl Optimizer {
+    pub(crate) fn new(connection: &Connection) -> Optimizer {
+        Optimizer {
+            inner: OptimizerServiceClient::with_interceptor(
+                connection.channel.clone(),
+                connection.credentials.clone(),
+            ),
+        }
+    }
+}
+
 /// A failed call as the command reports it. UNIMPLEMENTED means the process behind the
 /// endpoint does not run the service (`keel serve --target` without it): said so, as
 /// "unavailable" (exit 7), since another server of the deployment may run it.
@@ -178,6 +196,14 @@ calls!(Collector, "collector", {
     list_top_queries(ListTopQueriesRequest) -> ListTopQueriesResponse;
     list_alerts(ListAlertsRequest) -> ListAlertsResponse;
     collect_now(CollectNowRequest) -> CollectNowResponse;
+});
+
+calls!(Optimizer, "optimizer", {
+    analyze_instance(AnalyzeInstanceRequest) -> tonic::Streaming<AnalyzeInstanceResponse>;
+    list_recommendations(ListRecommendationsRequest) -> ListRecommendationsResponse;
+    get_recommendation(GetRecommendationRequest) -> GetRecommendationResponse;
+    apply_recommendation(ApplyRecommendationRequest) -> ApplyRecommendationResponse;
+    rollback_recommendation(RollbackRecommendationRequest) -> RollbackRecommendationResponse;
 });
 
 /// How long Keel asked the caller to wait before calling again, if it refused the call for

@@ -25,6 +25,8 @@ async fn main() -> ExitCode {
         Command::Metrics(args) => commands::metrics::run(args).await,
         Command::Queries(command) => commands::queries::run(command).await,
         Command::Alerts(command) => commands::alerts::run(command).await,
+        Command::Optimize(args) => commands::optimize::run(args).await,
+        Command::Recs(command) => commands::recs::run(command).await,
         Command::Events(command) => commands::events::run(command).await,
         Command::Admin(command) => commands::admin::run(command).await,
         Command::Completion { shell } => completion(shell),
