@@ -1640,6 +1640,176 @@ async fn collector_commands_on_a_registry_only_server_say_what_to_run() {
     }
 }
 
+/// The optimizer's commands on `keel serve --target all`, a real PostgreSQL with HypoPG and a
+/// workload an index on (account_id, created_at) serves: `keel optimize` advises it with its
+/// evidence, `keel recs` lists, shows, applies (the index is built and valid) and rolls it back
+/// (the index is gone), and a bad budget or id is refused with exit 3 and nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_optimizer_commands_advise_apply_and_roll_back_an_index() {
+    let env = keel_testkit::TestEnv::new();
+    let keel = Keel::spawn(
+        &env,
+        &[
+            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
+            ("KEEL_COLLECTOR_INTERVAL", "1h".to_owned()),
+        ],
+    )
+    .await;
+    keel.wait_ready(keel.http_port()).await;
+    let key = Some(BOOTSTRAP_KEY);
+    let target = env.database().await.expect("target database");
+    let pool = target.pool().await.expect("pool");
+    sqlx::raw_sql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, account_id int NOT NULL, \
+             created_at timestamptz NOT NULL, total numeric NOT NULL, note text);
+         INSERT INTO orders SELECT g, (g * 7919) % 2000, \
+             timestamptz '2026-01-01' + g * interval '1 minute', g % 1000, repeat('n', 50) \
+         FROM generate_series(1, 100000) g",
+    )
+    .execute(&pool)
+    .await
+    .expect("the orders table");
+    // VACUUM refuses a transaction block, which several statements in one string make.
+    for sql in ["VACUUM ANALYZE orders", "SELECT pg_stat_statements_reset()"] {
+        sqlx::raw_sql(sql).execute(&pool).await.expect(sql);
+    }
+    let since = chrono::DateTime::parse_from_rfc3339("2026-01-10T00:00:00Z").expect("time");
+    for i in 0..200 {
+        sqlx::query("SELECT id, total FROM orders WHERE account_id = $1 AND created_at >= $2")
+            .bind(i % 2000)
+            .bind(since)
+            .fetch_all(&pool)
+            .await
+            .expect("workload");
+    }
+    expect_exit(
+        &keel.cli(
+            key,
+            &[
+                "instance",
+                "add",
+                "shop",
+                "--engine",
+                "postgres",
+                "--url",
+                &target.url,
+            ],
+        ),
+        0,
+        "",
+    );
+
+    // Refused before anything runs: no analysis, no recommendation.
+    expect_exit(
+        &keel.cli(key, &["optimize", "shop", "--budget", "lots"]),
+        3,
+        "--budget: \"lots\" is not a size",
+    );
+    let none = json(&expect_exit(
+        &keel.cli(key, &["recs", "ls", "-o", "json"]),
+        0,
+        "",
+    ));
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+
+    let analysis = json(&expect_exit(
+        &keel.cli(
+            key,
+            &["optimize", "shop", "--budget", "200MB", "-o", "json"],
+        ),
+        0,
+        "",
+    ));
+    assert_eq!(analysis["state"], "done", "{analysis}");
+    assert_eq!(analysis["budget_bytes"], 200 << 20, "{analysis}");
+    assert!(
+        analysis["whatif_calls"].as_u64().is_some_and(|n| n > 0),
+        "{analysis}"
+    );
+    let recommendations = analysis["recommendations"]
+        .as_array()
+        .expect("recommendations");
+    let advised = recommendations
+        .iter()
+        .find(|r| {
+            r["ddl"]
+                .as_str()
+                .is_some_and(|d| d.contains("orders") && d.contains("(account_id, created_at"))
+        })
+        .unwrap_or_else(|| panic!("no index on (account_id, created_at): {analysis}"));
+    let ddl = advised["ddl"].as_str().expect("ddl");
+    assert!(ddl.starts_with("CREATE INDEX CONCURRENTLY"), "{ddl}");
+    assert!(
+        advised["effects"].as_array().is_some_and(|e| !e.is_empty()),
+        "evidence with the advice: {advised}"
+    );
+    let id = advised["id"].as_str().expect("id").to_owned();
+    let index_name = advised["index_name"]
+        .as_str()
+        .expect("index name")
+        .to_owned();
+
+    let listed = expect_exit(&keel.cli(key, &["recs", "ls", "--instance", "shop"]), 0, "");
+    assert!(listed.contains("public.orders"), "{listed}");
+    let short = id.rsplit('-').next().expect("the short id");
+    assert!(
+        listed.contains(short),
+        "ls shows the short id {short}:\n{listed}"
+    );
+    let shown = expect_exit(&keel.cli(key, &["recs", "show", short]), 0, "");
+    for needle in [ddl, "DROP INDEX CONCURRENTLY", "Seq Scan"] {
+        assert!(shown.contains(needle), "show lacks {needle:?}:\n{shown}");
+    }
+    expect_exit(
+        &keel.cli(key, &["recs", "apply", "not-an-id", "--wait"]),
+        3,
+        "",
+    );
+
+    let valid = "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE c.relname = $1";
+    let applied = json(&expect_exit(
+        &keel.cli(key, &["recs", "apply", short, "--wait", "-o", "json"]),
+        0,
+        "",
+    ));
+    assert_eq!(applied["state"], "applied", "{applied}");
+    assert!(
+        applied["built_bytes"].as_i64().is_some_and(|b| b > 0),
+        "{applied}"
+    );
+    let is_valid: Option<bool> = sqlx::query_scalar(valid)
+        .bind(&index_name)
+        .fetch_optional(&pool)
+        .await
+        .expect("pg_index");
+    assert_eq!(is_valid, Some(true), "{index_name} built and valid");
+
+    let rolled_back = json(&expect_exit(
+        &keel.cli(key, &["recs", "rollback", &id, "--wait", "-o", "json"]),
+        0,
+        "",
+    ));
+    assert_eq!(rolled_back["state"], "rolled_back", "{rolled_back}");
+    let gone: Option<bool> = sqlx::query_scalar(valid)
+        .bind(&index_name)
+        .fetch_optional(&pool)
+        .await
+        .expect("pg_index");
+    assert_eq!(gone, None, "{index_name} dropped");
+    let listed = json(&expect_exit(
+        &keel.cli(key, &["recs", "ls", "--state", "rolled-back", "-o", "json"]),
+        0,
+        "",
+    ));
+    assert!(
+        listed
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["id"] == id.as_str())),
+        "{listed}"
+    );
+}
+
 #[test]
 fn completions_for_bash_zsh_and_fish_know_the_commands() {
     for shell in ["bash", "zsh", "fish"] {
@@ -1658,6 +1828,9 @@ fn completions_for_bash_zsh_and_fish_know_the_commands() {
             "queries",
             "alerts",
             "collect",
+            "optimize",
+            "recs",
+            "rollback",
         ] {
             assert!(script.contains(word), "{shell} completion lacks {word}");
         }
