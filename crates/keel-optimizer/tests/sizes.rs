@@ -49,9 +49,16 @@ SELECT i, timestamptz '2024-01-01' + floor(random() * 10000) * interval '1 minut
        (ARRAY['view', 'click', 'buy'])[1 + floor(random() * 3)::int]
 FROM generate_series(1, 300000) i;
 
+-- character(n), as TPC-H writes its codes: padded in pg_stats, never deduplicated.
+CREATE TABLE parts (id int PRIMARY KEY, brand char(10) NOT NULL, segment char(10) NOT NULL);
+INSERT INTO parts
+SELECT i, 'Brand#' || (1 + i % 25), (ARRAY['BUILDING', 'MACHINERY', 'AUTOMOBILE'])[1 + i % 3]
+FROM generate_series(1, 200000) i;
+
 ANALYZE orders;
 ANALYZE users;
 ANALYZE events;
+ANALYZE parts;
 "#;
 
 fn table_name(name: &str) -> TableName {
@@ -62,7 +69,8 @@ fn table_name(name: &str) -> TableName {
 }
 
 /// The index definitions measured: low and mid cardinality, composite, covering, partial,
-/// nullable, unique, expression, numeric (not deduplicated).
+/// nullable, unique, expression, numeric and character(n) (not deduplicated), partial on a
+/// character(n) constant.
 fn cases() -> Vec<IndexDef> {
     let orders = table_name("orders");
     let mut covering = IndexDef::on(orders.clone(), &["account_id"]);
@@ -80,6 +88,8 @@ fn cases() -> Vec<IndexDef> {
         include: Vec::new(),
         predicate: None,
     };
+    let mut building = IndexDef::on(table_name("parts"), &["id"]);
+    building.predicate = Some("segment = 'BUILDING'".into());
     vec![
         IndexDef::on(orders.clone(), &["status"]),
         IndexDef::on(orders.clone(), &["account_id"]),
@@ -94,6 +104,8 @@ fn cases() -> Vec<IndexDef> {
         lower_email,
         IndexDef::on(table_name("users"), &["email"]),
         IndexDef::on(table_name("events"), &["created_at"]),
+        IndexDef::on(table_name("parts"), &["brand"]),
+        building,
     ]
 }
 
