@@ -1,4 +1,5 @@
-//! `cargo xtask bench [args]`: setup, then the registry, outbox and collector benchmarks; exits
+//! `cargo xtask bench [args]`: setup, then the registry, outbox, collector and optimizer (TPC-H)
+//! benchmarks; exits
 //! with the first failing cargo's code.
 
 use std::process::ExitCode;
@@ -13,6 +14,7 @@ pub(crate) fn run(extra: &[String]) -> Result<ExitCode> {
         ("keel-registry", "registry"),
         ("keel-bus", "outbox"),
         ("keel-e2e", "collector"),
+        ("keel-optimizer", "tpch"),
     ] {
         let status = cmd::status(
             cmd::cargo()
