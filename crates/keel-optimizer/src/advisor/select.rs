@@ -18,6 +18,10 @@ use super::plan::Plan;
 use super::size;
 use super::whatif::{Planned, WhatIf, WhatIfError};
 
+/// A gain smaller than this share of a statement's cost is not checked, nor one under
+/// [`Costing::Cold`](super::whatif::Costing::Cold).
+const FRAGILE_GAIN: f64 = 1e-3;
+
 /// A statement of the workload as the selection sees it.
 #[derive(Debug)]
 pub struct Statement {
@@ -207,6 +211,35 @@ impl<'a> Selector<'a> {
         Ok(Some(out))
     }
 
+    /// Whether statement `at`'s gain from `current` to `config` vanishes under
+    /// [`Costing::Cold`](super::whatif::Costing::Cold): such a gain is not counted, so no index
+    /// is chosen for it (one chosen for other statements may still change its plan).
+    async fn fragile(
+        &mut self,
+        conn: &mut PgConnection,
+        at: usize,
+        current: &[usize],
+        config: &[usize],
+    ) -> Result<bool, sqlx::Error> {
+        let statement = &self.statements[at];
+        let base = self
+            .whatif
+            .plan_cold(conn, at, &statement.planned, current)
+            .await;
+        let cold = self
+            .whatif
+            .plan_cold(conn, at, &statement.planned, config)
+            .await;
+        match (base, cold) {
+            (Ok(base), Ok(cold)) => Ok(cold.cost >= base.cost * (1.0 - FRAGILE_GAIN)),
+            (Err(WhatIfError::Session(error)), _) | (_, Err(WhatIfError::Session(error))) => {
+                Err(error)
+            }
+            // It was planned with the default costs; unplannable here means no evidence.
+            _ => Ok(true),
+        }
+    }
+
     /// Chosen indexes that no statement's plan uses.
     fn idle(&self, chosen: &[usize], plans: &[Plan]) -> Vec<usize> {
         chosen
@@ -287,7 +320,13 @@ impl<'a> Selector<'a> {
                 };
                 let mut benefit = 0.0;
                 for (at, plan) in &new_plans {
-                    benefit += self.statements[*at].weight * (plans[*at].cost - plan.cost);
+                    let gain = plans[*at].cost - plan.cost;
+                    if gain > plans[*at].cost * FRAGILE_GAIN
+                        && self.fragile(conn, *at, &chosen, &config).await?
+                    {
+                        continue;
+                    }
+                    benefit += self.statements[*at].weight * gain;
                 }
                 benefit -=
                     self.write_cost_on(&table, &config) - self.write_cost_on(&table, &chosen);
