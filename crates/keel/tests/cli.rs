@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KEEL, free_port, serve_log, spawn_serve, wait_ready, with_overrides};
+use common::{KEEL, expect_exit, free_port, serve_log, spawn_serve, wait_ready, with_overrides};
 const ENCRYPTION_KEYS: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 /// A well-formed key (`keel_` + 40 URL-safe characters), registered at start from a file.
 const BOOTSTRAP_KEY: &str = "keel_bootstrapbootstrapbootstrapbootstrap0000";
@@ -30,6 +30,25 @@ impl Keel {
         let keel = Self::spawn(env, &[("KEEL_ALLOW_PLAINTEXT", "true".to_owned())]).await;
         keel.wait_ready(keel.http_port()).await;
         keel
+    }
+
+    /// A ready `keel serve` whose scheduled scrapes are an hour apart (a test's own `instance
+    /// collect` decides what the deltas cover), and a database of its own to watch.
+    async fn start_with_target(
+        env: &keel_testkit::TestEnv,
+    ) -> (Keel, keel_testkit::TestDatabase, sqlx::PgPool) {
+        let keel = Self::spawn(
+            env,
+            &[
+                ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
+                ("KEEL_COLLECTOR_INTERVAL", "1h".to_owned()),
+            ],
+        )
+        .await;
+        keel.wait_ready(keel.http_port()).await;
+        let target = env.database().await.expect("target database");
+        let pool = target.pool().await.expect("pool");
+        (keel, target, pool)
     }
 
     fn http_port(&self) -> u16 {
@@ -108,22 +127,6 @@ impl Keel {
         }
         command
     }
-}
-
-#[track_caller]
-fn expect_exit(output: &Output, code: i32, stderr_needle: &str) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
-    assert!(
-        stderr.contains(stderr_needle),
-        "stderr {stderr:?} lacks {stderr_needle:?}"
-    );
-    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1388,20 +1391,8 @@ async fn tables_fit_80_columns_without_breaking_a_word() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_collector_commands_show_what_it_read_from_a_real_postgres() {
     let env = keel_testkit::TestEnv::new();
-    // Scheduled scrapes far apart: the test's own `instance collect` decides what the deltas
-    // cover.
-    let keel = Keel::spawn(
-        &env,
-        &[
-            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
-            ("KEEL_COLLECTOR_INTERVAL", "1h".to_owned()),
-        ],
-    )
-    .await;
-    keel.wait_ready(keel.http_port()).await;
+    let (keel, target, pool) = Keel::start_with_target(&env).await;
     let key = Some(BOOTSTRAP_KEY);
-    let target = env.database().await.expect("target database");
-    let pool = target.pool().await.expect("pool");
     sqlx::query("CREATE TABLE cli_marker (x int)")
         .execute(&pool)
         .await
@@ -1647,18 +1638,8 @@ async fn collector_commands_on_a_registry_only_server_say_what_to_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_optimizer_commands_advise_apply_and_roll_back_an_index() {
     let env = keel_testkit::TestEnv::new();
-    let keel = Keel::spawn(
-        &env,
-        &[
-            ("KEEL_ALLOW_PLAINTEXT", "true".to_owned()),
-            ("KEEL_COLLECTOR_INTERVAL", "1h".to_owned()),
-        ],
-    )
-    .await;
-    keel.wait_ready(keel.http_port()).await;
+    let (keel, target, pool) = Keel::start_with_target(&env).await;
     let key = Some(BOOTSTRAP_KEY);
-    let target = env.database().await.expect("target database");
-    let pool = target.pool().await.expect("pool");
     sqlx::raw_sql(
         "CREATE TABLE orders (id bigint PRIMARY KEY, account_id int NOT NULL, \
              created_at timestamptz NOT NULL, total numeric NOT NULL, note text);

@@ -2,9 +2,11 @@
 //! the endpoint, so a command that tried to connect would fail "unavailable" (exit 7) instead
 //! of with the exit code of its refusal (2 from clap, 3 for an invalid value).
 
+mod common;
+
 use std::process::{Command, Output};
 
-const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+use common::{KEEL, expect_exit};
 
 /// Runs `keel args` against an endpoint nothing listens at, with a well-formed key.
 fn keel(args: &[&str]) -> Output {
@@ -20,22 +22,6 @@ fn keel(args: &[&str]) -> Output {
         .env_remove("KEEL_TIMEOUT")
         .output()
         .expect("run keel")
-}
-
-#[track_caller]
-fn expect_exit(output: &Output, code: i32, stderr_needle: &str) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
-    assert!(
-        stderr.contains(stderr_needle),
-        "stderr {stderr:?} lacks {stderr_needle:?}"
-    );
-    stdout
 }
 
 #[test]

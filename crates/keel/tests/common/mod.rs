@@ -3,7 +3,7 @@
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const KEEL: &str = env!("CARGO_BIN_EXE_keel");
@@ -88,4 +88,22 @@ pub async fn http_get_with(port: u16, path: &str, headers: &[(&str, &str)]) -> O
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
     Some(response)
+}
+
+/// The command's standard output, after asserting its exit code and that its standard error
+/// contains `stderr_needle`.
+#[track_caller]
+pub fn expect_exit(output: &Output, code: i32, stderr_needle: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains(stderr_needle),
+        "stderr {stderr:?} lacks {stderr_needle:?}"
+    );
+    stdout
 }
