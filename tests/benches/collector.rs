@@ -60,7 +60,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 use keel_auth::Role;
@@ -69,6 +69,7 @@ use keel_e2e::Deployment;
 use keel_proto::v1::collector_service_client::CollectorServiceClient;
 use keel_proto::v1::registry_service_client::RegistryServiceClient;
 use keel_proto::v1::{CollectNowRequest, CreateInstanceRequest, Engine, Instance};
+use keel_testkit::bench::env_number;
 use keel_testkit::{TestDatabase, TestEnv};
 use sqlx::{Connection as _, Executor as _, PgConnection, PgPool};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
@@ -203,19 +204,6 @@ impl Settings {
             "KEEL_BENCH_FLEET_SECS must be at least 1"
         );
         Ok(settings)
-    }
-}
-
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(raw) if !raw.trim().is_empty() => raw
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("{name}={raw:?} is not a number: {e}")),
-        _ => Ok(default),
     }
 }
 

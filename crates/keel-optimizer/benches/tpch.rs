@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, ensure};
 use keel_optimizer::advisor::model::{IndexDef, Key, Table, TableName, quote_ident};
 use keel_optimizer::advisor::{self, WorkloadStatement, catalog, parse};
+use keel_testkit::bench::env_number;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, Executor as _, PgConnection};
 
@@ -176,19 +177,6 @@ impl Config {
     /// `1`, `0_1`, `0_01`: the scale factor in file and database names.
     fn sf_label(&self) -> String {
         format!("{}", self.sf).replace('.', "_")
-    }
-}
-
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: Display,
-{
-    match std::env::var(name) {
-        Ok(raw) if !raw.trim().is_empty() => raw
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("{name}={raw:?} is not a number: {e}")),
-        _ => Ok(default),
     }
 }
 
@@ -336,14 +324,7 @@ async fn main() -> anyhow::Result<()> {
     // Keel's columns first, the peer last, as the tables read.
     outcomes.rotate_left(1);
 
-    report(
-        &config,
-        &queries,
-        &base_costs,
-        &before,
-        &outcomes,
-        data_bytes,
-    );
+    report(&config, &base_costs, &before, &outcomes, data_bytes);
     note(started, "done");
     conn.close().await?;
     Ok(())
@@ -1230,7 +1211,6 @@ impl Verdicts {
 
 fn report(
     config: &Config,
-    queries: &[String],
     base_costs: &[f64],
     before: &[Timing],
     outcomes: &[Outcome],
@@ -1486,7 +1466,6 @@ fn report(
             .map(|o| o.timings.iter().filter(|t| t.timed_out).count().to_string())
             .collect(),
     );
-    let _ = queries;
 
     // Goals.
     let Some(peer_at) = outcomes.iter().position(|o| o.chosen.name == "peer") else {

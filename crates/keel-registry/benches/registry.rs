@@ -41,6 +41,7 @@ use keel_proto::v1::{GetInstanceRequest, Instance, ListInstancesRequest, UpdateI
 use keel_registry::RegistryConfig;
 use keel_registry::crypto::KeyRing;
 use keel_service::{Host, HostConfig};
+use keel_testkit::bench::env_number;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use secrecy::SecretString;
@@ -150,19 +151,6 @@ impl Settings {
             "KEEL_BENCH_POOL_SIZE must be at least 1"
         );
         Ok(settings)
-    }
-}
-
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(raw) if !raw.trim().is_empty() => raw
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("{name}={raw:?} is not a number: {e}")),
-        _ => Ok(default),
     }
 }
 

@@ -41,6 +41,7 @@
 //! Missing binaries are reported with the Debian package to install (`nats-server`,
 //! `redis-server`, `postgresql-<major>-hypopg`).
 
+pub mod bench;
 mod grpc;
 mod postgres;
 mod process;
