@@ -1,6 +1,5 @@
 //! `cargo xtask bench [args]`: setup, then the registry, outbox, collector and optimizer (TPC-H)
-//! benchmarks; exits
-//! with the first failing cargo's code.
+//! benchmarks; exits with the first failing cargo's code.
 
 use std::process::ExitCode;
 

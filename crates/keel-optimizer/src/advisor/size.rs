@@ -683,7 +683,6 @@ fn varlena_width(len: usize) -> f64 {
     }
 }
 
-/// Whether values of the type print as their stored bytes (so sampled values give widths).
 /// Whether the type pads its values with spaces (`character(n)`), which comparisons ignore.
 fn blank_padded(type_name: &str) -> bool {
     let name = type_name.trim();
@@ -700,6 +699,7 @@ fn same_value(padded: bool, a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether values of the type print as their stored bytes (so sampled values give widths).
 fn stores_text_as_printed(type_name: &str) -> bool {
     type_name == "text"
         || type_name == "citext"
